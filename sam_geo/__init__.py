@@ -1,0 +1,35 @@
+"""sam-geo: segment whole satellite and aerial scenes with Segment Anything models.
+
+The main entry points are :func:`segment` (prompts from a vector layer). They return
+GeoDataFrames in the scene's CRS and can write GeoJSON, GeoPackage or GeoParquet.
+Heavy dependencies (torch, ray) are imported on first use, so ``import sam_geo`` and
+``sam-geo --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from . import errors
+from .errors import SamGeoError
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "segment": "sam_geo.api",
+    "SegmentSettings": "sam_geo.api",
+    "RuntimeOptions": "sam_geo.runtime",
+    "TileGrid": "sam_geo.tiles",
+    "Tile": "sam_geo.tiles",
+    "open_scene": "sam_geo.raster",
+    "known_models": "sam_geo.models",
+}
+
+__all__ = ["SamGeoError", "errors", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sam_geo' has no attribute {name!r}")

@@ -1,0 +1,90 @@
+"""YAML presets (``--config``), validated with pydantic on load.
+
+A preset sets defaults for a command's options; flags given on the command line win.
+Keys use the option names with ``_`` for ``-`` (``tile_size`` for ``--tile-size``). An
+unknown key is an error naming it, so a misspelt key never passes silently::
+
+    # configs/buildings.yaml
+    segment:
+      model: mobile_sam
+      tile_size: 1024
+      overlap: 128
+      min_area: 2.0
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SegmentSection(_Section):
+    """Options of ``sam-geo segment`` (units: pixels, square metres, metres)."""
+
+    model: str | None = None
+    weights: str | None = None
+    bands: list[int] | None = None
+    stretch: str | None = None
+    tile_size: int | None = Field(default=None, ge=64, le=8192)
+    overlap: int | None = Field(default=None, ge=0)
+    prompt_as: str | None = None
+    id_column: str | None = None
+    min_area: float | None = Field(default=None, ge=0)
+    simplify: float | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    device: str | None = None
+    workers: int | None = Field(default=None, ge=0)
+    address: str | None = None
+
+
+class ConfigFile(_Section):
+    """A whole preset file: one section per command."""
+
+    description: str | None = None
+    segment: SegmentSection = SegmentSection()
+
+
+def load_config(path: str | os.PathLike[str]) -> ConfigFile:
+    """Read and validate a YAML preset; errors name the file and the offending key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    try:
+        return ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config file {path}: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        else:
+            problems.append(f"'{key}': {error['msg']}")
+    return "; ".join(problems)
+
+
+def section_values(config: ConfigFile, command: str) -> dict[str, Any]:
+    """The keys a preset sets for ``command`` (unset keys left out)."""
+    section = getattr(config, command, None)
+    if section is None:
+        return {}
+    return section.model_dump(exclude_none=True)

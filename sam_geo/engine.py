@@ -1,0 +1,351 @@
+"""The work done inside a model actor: read a tile, encode it once, decode its prompts.
+
+:class:`TileSegmenter` holds one SAM-family model and the open datasets; it is what a
+Ray actor wraps (:mod:`sam_geo.runtime`) and can also be used in-process. Input is a
+:class:`TileTask` (a tile descriptor plus its prompts: no pixels); output a
+:class:`TileResult` carrying polygons as WKB in the scene CRS, never mask arrays.
+
+Decoding uses SAM's own prompt encoder and mask decoder in batches of ``batch_size``
+prompts against the tile's single image embedding. Masks are upsampled from SAM's
+256 x 256 low-resolution logits only over each prompt's crop (bilinear, the same
+sampling as SAM's ``postprocess_masks``), so memory per batch does not grow with the
+tile size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+import torch
+import torch.nn.functional as F
+from affine import Affine
+
+from .models import build_sam
+from .prompts import PromptBatch
+from .raster import SceneInfo, Stretch, WindowRead, read_window
+from .tiles import Tile
+from .vectorize import mask_to_geometry
+
+GPU_BATCH_SIZE = 64
+"""Prompts per mask-decoder call on CUDA, where batching pays."""
+
+CPU_BATCH_SIZE = 4
+"""Prompts per mask-decoder call on CPU: SAM's decoder is memory-bound there and larger
+batches are slower per prompt (MobileSAM, 2 cores: 60 ms/prompt at 1-4, 100 ms at 16;
+``benchmarks/decoder_batch.py``)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What a model actor needs to build its model (picklable)."""
+
+    model: str
+    weights: str
+    device: str = "cpu"
+    batch_size: int | None = None
+    """Prompts per decoder call; None: :data:`GPU_BATCH_SIZE` on CUDA, else :data:`CPU_BATCH_SIZE`."""
+    threads: int | None = None
+    min_area: float = 0.0
+    """Smallest polygon part kept, in square CRS units of the scene."""
+    simplify: float | None = None
+    """Simplification tolerance in CRS units, or None."""
+
+
+@dataclass(frozen=True)
+class TileTask:
+    """A tile descriptor and its prompts: everything a worker needs, no pixels."""
+
+    scene: SceneInfo
+    stretch: Stretch
+    tile: Tile
+    prompts: PromptBatch
+
+    def execute(self, segmenter: TileSegmenter) -> TileResult:
+        return segmenter.run_prompted(self)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One decoded prompt: its layer index, predicted IoU and polygon (WKB, scene CRS)."""
+
+    prompt_index: int
+    score: float
+    wkb: bytes | None
+
+
+@dataclass
+class TileResult:
+    """What a worker sends back for one tile."""
+
+    tile_key: str
+    results: list[PromptResult] = field(default_factory=list)
+    on_nodata: list[int] = field(default_factory=list)
+    skipped_nodata: bool = False
+    encoded: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; others unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class TileSegmenter:
+    """Holds one model; segments the prompts of tiles handed to :meth:`run`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(resolve_device(config.device))
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.model = build_sam(config.model, Path(config.weights), device=str(self.device))
+        self.image_size: int = self.model.image_encoder.img_size
+        self._datasets: dict[str, rasterio.DatasetReader] = {}
+        default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
+        self.batch_size = config.batch_size or default_batch
+
+    # -- datasets ------------------------------------------------------------------
+
+    def _dataset(self, path: str) -> rasterio.DatasetReader:
+        src = self._datasets.get(path)
+        if src is None or src.closed:
+            src = rasterio.open(path)
+            self._datasets[path] = src
+        return src
+
+    def close(self) -> None:
+        for src in self._datasets.values():
+            src.close()
+        self._datasets.clear()
+
+    # -- one tile ------------------------------------------------------------------
+
+    def run(self, task: TileTask) -> TileResult:
+        """Run any task type: each task knows which segmenter method serves it."""
+        return task.execute(self)
+
+    def read(self, scene: SceneInfo, stretch: Stretch, tile: Tile) -> WindowRead:
+        """The tile's pixels as model-ready RGB plus its validity mask."""
+        out_shape = tile.shape if tile.scale != 1 else None
+        return read_window(self._dataset(scene.path), scene, stretch, tile.read_window, out_shape)
+
+    def run_prompted(self, task: TileTask) -> TileResult:
+        """Read, encode and decode one tile; polygons come back in the scene CRS."""
+        result = TileResult(tile_key=task.tile.key)
+        seconds = result.seconds
+        tile = task.tile
+        with timed(seconds, "read"):
+            window = self.read(task.scene, task.stretch, tile)
+        if not window.valid.any():
+            result.skipped_nodata = True
+            result.on_nodata = [int(i) for i in task.prompts.index]
+            return result
+        prompts = _to_tile_pixels(task.prompts, tile)
+        usable = _prompts_on_data(prompts, window.valid)
+        result.on_nodata = [int(i) for i in prompts.index[~usable]]
+        prompts = prompts.take(np.flatnonzero(usable))
+        if len(prompts) == 0:
+            return result
+        with timed(seconds, "encode"):
+            embedding, input_hw = self.encode(window.rgb)
+        result.encoded = True
+        for part in _decode_batches(prompts, self.batch_size):
+            with timed(seconds, "decode"):
+                logits, scores = self.decode(embedding, input_hw, window.rgb.shape[:2], part)
+            with timed(seconds, "vectorize"):
+                result.results.extend(
+                    self._vectorize(part, logits, scores, window.valid, tile, input_hw, window.rgb.shape[:2])
+                )
+        return result
+
+    # -- model steps ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image embedding of an (rows, cols, 3) uint8 array, and its resized (h, w).
+
+        The array is resized so its longer side is the model's input size (1024),
+        normalised and zero-padded as SAM's ``preprocess`` does.
+        """
+        h, w = rgb.shape[:2]
+        scale = self.image_size / max(h, w)
+        new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+        image = torch.as_tensor(rgb, device=self.device).permute(2, 0, 1)[None].float()
+        if (new_h, new_w) != (h, w):
+            image = F.interpolate(image, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        image = self.model.preprocess(image)
+        return self.model.image_encoder(image), (new_h, new_w)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        input_hw: tuple[int, int],
+        tile_hw: tuple[int, int],
+        prompts: PromptBatch,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Low-res mask logits (n, 256, 256) and predicted IoU (n,) for tile-pixel prompts.
+
+        Point-only prompts ask for SAM's three candidate masks and keep the one with the
+        highest predicted IoU (a single point is ambiguous); box prompts ask for one.
+        """
+        ratio = input_hw[0] / tile_hw[0]
+        device = self.device
+        points = labels = boxes = None
+        if (prompts.labels >= 0).any():
+            points = torch.as_tensor(prompts.points * ratio, dtype=torch.float32, device=device)
+            labels = torch.as_tensor(prompts.labels, dtype=torch.int64, device=device)
+        has_box = prompts.has_box
+        multimask = not has_box.any()
+        if has_box.any():
+            if not has_box.all():
+                raise ValueError("a decode batch must not mix box and point-only prompts")
+            boxes = torch.as_tensor(prompts.boxes * ratio, dtype=torch.float32, device=device)
+        sparse, dense = self.model.prompt_encoder(
+            points=(points, labels) if points is not None else None, boxes=boxes, masks=None
+        )
+        low_res, iou = self.model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        best = iou.argmax(dim=1)
+        rows = torch.arange(len(best), device=device)
+        return low_res[rows, best], iou[rows, best].float().cpu().numpy()
+
+    def _vectorize(
+        self,
+        prompts: PromptBatch,
+        logits: torch.Tensor,
+        scores: np.ndarray,
+        valid: np.ndarray,
+        tile: Tile,
+        input_hw: tuple[int, int],
+        tile_hw: tuple[int, int],
+    ) -> list[PromptResult]:
+        out: list[PromptResult] = []
+        for k in range(len(prompts)):
+            r0, c0, r1, c1 = _crop_for_prompt(prompts, k, tile_hw)
+            mask = _upsample_crop(logits[k], (r0, c0, r1, c1), input_hw, tile_hw, self.image_size)
+            mask &= valid[r0:r1, c0:c1]
+            geom = mask_to_geometry(
+                mask,
+                tile.transform @ Affine.translation(c0, r0),
+                min_area=self.config.min_area,
+                simplify=self.config.simplify,
+            )
+            wkb = None if geom is None else shapely.to_wkb(geom)
+            out.append(PromptResult(int(prompts.index[k]), float(scores[k]), wkb))
+        return out
+
+
+def _decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:
+    """Batches of at most ``size`` prompts that share one shape (box or not, point count).
+
+    SAM's prompt encoder takes one tensor per batch, and padding a box-only prompt with
+    a "not a point" token would change its embedding, so kinds are never mixed. Point
+    arrays are trimmed to the group's point count.
+    """
+    n_points = (batch.labels >= 0).sum(axis=1)
+    kinds = np.stack([batch.has_box, n_points], axis=1)
+    for kind in np.unique(kinds, axis=0):
+        rows = np.flatnonzero((kinds == kind).all(axis=1))
+        group = batch.take(rows)
+        k = int(kind[1])
+        order = np.argsort(group.labels < 0, axis=1, kind="stable")[:, :k]
+        points = np.take_along_axis(group.points, order[..., None], axis=1)
+        labels = np.take_along_axis(group.labels, order, axis=1)
+        group = PromptBatch(group.index, group.boxes, points, labels)
+        for start in range(0, len(group), size):
+            yield group.take(np.arange(start, min(start + size, len(group))))
+
+
+def _to_tile_pixels(batch: PromptBatch, tile: Tile) -> PromptBatch:
+    """Scene-pixel prompts -> prompts in the tile array's pixels (x = col, y = row)."""
+    offset = np.array([tile.read.col_start, tile.read.row_start], dtype=np.float64)
+    s = tile.scale
+    boxes = (batch.boxes - np.tile(offset, 2)) / s
+    points = (batch.points - offset) / s
+    return PromptBatch(batch.index, boxes, points, batch.labels)
+
+
+def _prompts_on_data(batch: PromptBatch, valid: np.ndarray) -> np.ndarray:
+    """(n,) bool: False for prompts whose positive points or whole box fall on nodata."""
+    rows, cols = valid.shape
+    ok = np.ones(len(batch), dtype=bool)
+    for k in range(len(batch)):
+        if batch.has_box[k]:
+            x0, y0, x1, y1 = batch.boxes[k]
+            r0, r1 = int(np.clip(np.floor(y0), 0, rows - 1)), int(np.clip(np.ceil(y1), 1, rows))
+            c0, c1 = int(np.clip(np.floor(x0), 0, cols - 1)), int(np.clip(np.ceil(x1), 1, cols))
+            ok[k] = bool(valid[r0 : max(r1, r0 + 1), c0 : max(c1, c0 + 1)].any())
+        else:
+            positive = batch.points[k][batch.labels[k] == 1]
+            rr = np.clip(positive[:, 1].astype(int), 0, rows - 1)
+            cc = np.clip(positive[:, 0].astype(int), 0, cols - 1)
+            ok[k] = bool(valid[rr, cc].any())
+    return ok
+
+
+def _crop_for_prompt(batch: PromptBatch, k: int, tile_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(row0, col0, row1, col1) of the tile region a prompt's mask is kept in.
+
+    A box keeps its mask within the box grown by half its size (SAM masks rarely leave
+    their box by more); a point-only prompt keeps the whole tile.
+    """
+    rows, cols = tile_hw
+    if not batch.has_box[k]:
+        return 0, 0, rows, cols
+    x0, y0, x1, y1 = batch.boxes[k]
+    grow = 0.5 * max(x1 - x0, y1 - y0) + 8
+    r0 = int(max(0, np.floor(y0 - grow)))
+    c0 = int(max(0, np.floor(x0 - grow)))
+    r1 = int(min(rows, np.ceil(y1 + grow)))
+    c1 = int(min(cols, np.ceil(x1 + grow)))
+    return r0, c0, max(r1, r0 + 1), max(c1, c0 + 1)
+
+
+def _upsample_crop(
+    logits: torch.Tensor,
+    crop: tuple[int, int, int, int],
+    input_hw: tuple[int, int],
+    tile_hw: tuple[int, int],
+    image_size: int,
+) -> np.ndarray:
+    """Threshold SAM's low-res logits, bilinearly sampled at the crop's pixel centres.
+
+    ``logits`` (256, 256) cover the padded ``image_size`` square model input; tile pixel
+    (row, col) sits at input position ``(row + 0.5) * ratio`` with ``ratio = input /
+    tile size``. Returns a (rows, cols) bool array for the crop.
+    """
+    r0, c0, r1, c1 = crop
+    ratio = input_hw[0] / tile_hw[0]
+    low = logits.shape[-1]
+    to_norm = 2.0 * ratio / image_size  # tile px -> normalised [-1, 1] over the input square
+    ys = (torch.arange(r0, r1, device=logits.device, dtype=torch.float32) + 0.5) * to_norm - 1.0
+    xs = (torch.arange(c0, c1, device=logits.device, dtype=torch.float32) + 0.5) * to_norm - 1.0
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
+    sampled = F.grid_sample(
+        logits.float().reshape(1, 1, low, low), grid, mode="bilinear", align_corners=False
+    )
+    return (sampled[0, 0] > 0.0).cpu().numpy()

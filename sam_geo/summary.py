@@ -1,0 +1,92 @@
+"""The run summary: what was planned, done, skipped and why, and where time went.
+
+Written as JSON with ``--summary PATH`` (atomically) and attached to the returned
+GeoDataFrame as ``gdf.attrs["summary"]``. Shape (more keys may be added)::
+
+    {"tiles": {"planned", "processed", "skipped_nodata", "failed", "resumed"},
+     "prompts": {"used", "outside", "on_nodata", "invalid", "empty", ...id lists},
+     "seconds": {"startup", "read", "encode", "decode", "vectorize", "write", "total"},
+     "model": {"name", "weights_sha256", "weights_source", "device"}, ...}
+
+``tiles.processed`` counts image-encoder passes actually run; stage seconds of workers
+(read, encode, decode, vectorize) are summed over workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("startup", "read", "encode", "decode", "vectorize", "write", "total")
+
+
+@dataclass
+class TileCounts:
+    planned: int = 0
+    processed: int = 0
+    skipped_nodata: int = 0
+    failed: int = 0
+    resumed: int = 0
+
+
+@dataclass
+class PromptCounts:
+    """Prompt counts; the ``*_ids`` lists hold the ids (id column, else prompt_index)."""
+
+    total: int = 0
+    used: int = 0
+    outside: int = 0
+    on_nodata: int = 0
+    invalid: int = 0
+    empty: int = 0
+    outside_ids: list[Any] = field(default_factory=list)
+    on_nodata_ids: list[Any] = field(default_factory=list)
+    invalid_ids: list[Any] = field(default_factory=list)
+    empty_ids: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class RunSummary:
+    scene: str
+    mode: str
+    tiles: TileCounts = field(default_factory=TileCounts)
+    prompts: PromptCounts = field(default_factory=PromptCounts)
+    seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    model: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
+    features: int = 0
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + value
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["seconds"] = {k: round(v, 3) for k, v in self.seconds.items()}
+        return data
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write as indented JSON, atomically (temp file in the same directory, then rename)."""
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False, default=_json_default)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)

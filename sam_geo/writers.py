@@ -1,0 +1,386 @@
+"""Write polygon layers to GeoJSON, GeoPackage or GeoParquet, atomically.
+
+The format follows the output path's suffix (see :data:`SUPPORTED_SUFFIXES`). Call
+:func:`check_output_path` when a run starts so a bad path fails before hours of work,
+then :func:`write_vector` at the end.
+
+Every write goes to a hidden temporary file next to the target
+(``.<name>.<random>.tmp<suffix>``), is flushed to disk, then renamed onto the target with
+:func:`os.replace`. A failed or interrupted write therefore never leaves a half-written
+target: the previous file, if any, stays byte-for-byte as it was, and the temporary file
+is removed (only a hard kill, e.g. SIGKILL, can leave one behind; its name starts with a
+dot and contains ``.tmp``).
+
+Per format:
+
+* **GeoJSON** (RFC 7946): reprojected to EPSG:4326, coordinates in longitude/latitude
+  order, exterior rings counter-clockwise and holes clockwise, no ``"crs"`` member,
+  coordinates rounded to :data:`GEOJSON_DECIMALS` decimals (1e-7 degree is about 1 cm on
+  the ground), geometries crossing the antimeridian split by GDAL. Rounding can make
+  features narrower than about a centimetre degenerate: use GeoPackage or GeoParquet for
+  exact coordinates. An empty layer is an empty FeatureCollection (no column names).
+* **GeoPackage**: written in the layer's own CRS, layer name ``layer`` or the file stem,
+  with an R-tree spatial index (table ``rtree_<layer>_<geometry column>``, the column
+  being ``geom``). A layer has one geometry type, so a mix of Polygons and MultiPolygons
+  is written as MultiPolygons.
+* **GeoParquet**: GeoParquet 1.x metadata via :meth:`geopandas.GeoDataFrame.to_parquet`,
+  CRS (as PROJJSON), dtypes and index kept.
+
+All text is UTF-8, so non-ASCII column names and values round-trip. In GeoJSON and
+GeoPackage a named or non-integer index becomes column(s) (as ``GeoDataFrame.to_file``
+does) and ``object`` columns of booleans or integers with ``None`` are written as
+nullable booleans or integers; missing values are written as nulls.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import geopandas
+import numpy as np
+import pandas as pd
+import pyogrio
+import shapely
+
+from sam_geo.errors import CRSError, OutputError, OutputExistsError, SamGeoError, WriteError
+
+__all__ = ["GEOJSON_DECIMALS", "SUPPORTED_SUFFIXES", "check_output_path", "write_vector"]
+
+#: Output suffix (lower case) -> format name.
+SUPPORTED_SUFFIXES: dict[str, str] = {
+    ".geojson": "GeoJSON",
+    ".json": "GeoJSON",
+    ".gpkg": "GPKG",
+    ".parquet": "GeoParquet",
+    ".geoparquet": "GeoParquet",
+}
+
+#: Decimals kept in GeoJSON coordinates (degrees): 1e-7 degree <= 1.1 cm on the ground.
+GEOJSON_DECIMALS = 7
+
+# Files SQLite/GDAL may create next to a GeoPackage while writing it.
+_SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm")
+
+
+# --- path checks ------------------------------------------------------------------------
+
+
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Validate an output path before any work is done; return it as a :class:`Path`.
+
+    Checks that the suffix names a supported format, that the parent directory exists
+    (it is never created silently) and is a writable directory, that the path is not a
+    directory, and that it does not exist yet unless ``overwrite`` is true.
+
+    Args:
+        path: output file path; ``~`` is expanded.
+        overwrite: allow replacing an existing file.
+
+    Returns:
+        The path, with ``~`` expanded.
+
+    Raises:
+        OutputError: unsupported suffix, missing or unwritable parent directory, or the
+            path is a directory.
+        OutputExistsError: the file exists and ``overwrite`` is false.
+    """
+    target = Path(path).expanduser()
+    _format_for(target)
+    parent = target.parent
+    if not parent.exists():
+        raise OutputError(
+            f"output directory {str(parent)!r} does not exist; create it first "
+            f"(e.g. `mkdir -p {parent}`) or choose another output path"
+        )
+    if not parent.is_dir():
+        raise OutputError(f"{str(parent)!r} is not a directory; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"output directory {str(parent)!r} is not writable; fix its permissions or "
+            "choose another output path"
+        )
+    if target.is_dir():
+        raise OutputError(f"output path {str(target)!r} is a directory; give a file name")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(_exists_message(target))
+    return target
+
+
+def _format_for(path: Path) -> str:
+    """Format name for ``path``'s suffix (case-insensitive), or OutputError."""
+    suffix = path.suffix.lower()
+    try:
+        return SUPPORTED_SUFFIXES[suffix]
+    except KeyError:
+        supported = ", ".join(sorted(SUPPORTED_SUFFIXES))
+        raise OutputError(
+            f"cannot write {str(path)!r}: unsupported suffix {suffix or '(none)'!r}; "
+            f"use one of {supported}"
+        ) from None
+
+
+def _exists_message(target: Path) -> str:
+    """Error message for a refused overwrite."""
+    return (
+        f"output {str(target)!r} already exists; pass --overwrite (overwrite=True) to "
+        "replace it, or choose another output path"
+    )
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def write_vector(
+    gdf: geopandas.GeoDataFrame,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    layer: str | None = None,
+) -> Path:
+    """Write ``gdf`` atomically to ``path`` in the format its suffix names.
+
+    See the module docstring for what each format keeps. ``gdf`` itself is not modified.
+
+    Args:
+        gdf: features to write; must have a CRS. May be empty (zero rows).
+        path: output file (``.geojson``/``.json``, ``.gpkg``, ``.parquet``/``.geoparquet``).
+        overwrite: replace an existing file (atomically) instead of refusing.
+        layer: layer name for GeoPackage (default: the file stem) and the GeoJSON
+            FeatureCollection ``"name"``; ignored for GeoParquet.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``gdf`` is not a GeoDataFrame with an active geometry column.
+        CRSError: ``gdf`` has no CRS, or (GeoJSON) it cannot be reprojected to EPSG:4326.
+        OutputError, OutputExistsError: as :func:`check_output_path`.
+        WriteError: writing failed (disk full, permission, driver error); the previous
+            target is untouched and the temporary file removed.
+    """
+    _check_frame(gdf)
+    target = check_output_path(path, overwrite=overwrite)
+    fmt = _format_for(target)
+    layer_name = _layer_name(layer, target)
+    tmp = _temp_path(target)
+    try:
+        _WRITERS[fmt](gdf, tmp, layer_name)
+        _fsync_file(tmp)
+        _publish(tmp, target, overwrite=overwrite)
+        _fsync_dir(target.parent)
+    except BaseException as exc:
+        _remove_temp(tmp)
+        if isinstance(exc, Exception) and not isinstance(exc, SamGeoError):
+            raise _write_error(target, exc) from exc
+        raise
+    return target
+
+
+def _check_frame(gdf: Any) -> None:
+    """Reject non-GeoDataFrames and frames without a CRS."""
+    if not isinstance(gdf, geopandas.GeoDataFrame):
+        raise TypeError(
+            f"expected a geopandas.GeoDataFrame, got {type(gdf).__name__}; wrap it with "
+            "geopandas.GeoDataFrame(df, geometry=..., crs=...)"
+        )
+    try:
+        crs = gdf.crs
+    except AttributeError as exc:  # no active geometry column
+        raise TypeError(
+            "the GeoDataFrame has no active geometry column; call .set_geometry(...) first"
+        ) from exc
+    if crs is None:
+        raise CRSError(
+            "the GeoDataFrame has no CRS, so its coordinates cannot be georeferenced; "
+            "set it with gdf.set_crs(<the scene's CRS>) before writing"
+        )
+
+
+def _layer_name(layer: str | None, target: Path) -> str:
+    """``layer`` if given (non-empty), else the target's stem."""
+    if layer is None:
+        return target.stem
+    if not isinstance(layer, str) or not layer.strip():
+        raise OutputError(f"layer name must be a non-empty string, got {layer!r}")
+    return layer
+
+
+def _temp_path(target: Path) -> Path:
+    """Unused hidden temp path next to ``target``, ending with the target's suffix."""
+    while True:
+        name = f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}"
+        tmp = target.with_name(name)
+        if not tmp.exists():
+            return tmp
+
+
+def _write_geojson(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
+    """RFC 7946 GeoJSON: EPSG:4326, lon/lat, CCW shells/CW holes, 7 decimals, no crs."""
+    lonlat = _to_wgs84(gdf)  # a copy: safe to modify
+    oriented = shapely.orient_polygons(np.asarray(lonlat.geometry.values), exterior_cw=False)
+    lonlat[lonlat.geometry.name] = geopandas.GeoSeries(
+        oriented, index=lonlat.index, crs=lonlat.crs
+    )
+    pyogrio.write_dataframe(
+        _for_ogr(lonlat),
+        tmp,
+        driver="GeoJSON",
+        layer=layer_name,
+        layer_options={"RFC7946": "YES", "COORDINATE_PRECISION": str(GEOJSON_DECIMALS)},
+    )
+
+
+def _to_wgs84(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
+    """``gdf`` reprojected to EPSG:4326 (x = longitude, y = latitude), or CRSError."""
+    try:
+        out = gdf.to_crs(4326)
+    except Exception as exc:
+        raise CRSError(
+            f"cannot reproject from {gdf.crs.name!r} to EPSG:4326 for GeoJSON: {exc}; "
+            "write .gpkg or .parquet instead, which keep the original CRS"
+        ) from exc
+    bounds = out.total_bounds
+    if len(out) and not np.all(np.isfinite(bounds) | np.isnan(bounds)):
+        raise CRSError(
+            f"reprojecting from {gdf.crs.name!r} to EPSG:4326 gave non-finite "
+            "coordinates (geometries outside the CRS's area of use?); write .gpkg or "
+            ".parquet instead, which keep the original CRS"
+        )
+    return out
+
+
+def _write_gpkg(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
+    """GeoPackage layer in the frame's CRS, with an R-tree spatial index."""
+    pyogrio.write_dataframe(
+        _for_ogr(gdf),
+        tmp,
+        driver="GPKG",
+        layer=layer_name,
+        layer_options={"SPATIAL_INDEX": "YES"},
+    )
+
+
+def _write_parquet(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
+    """GeoParquet 1.x (``layer_name`` unused: the format has a single table)."""
+    del layer_name
+    gdf.to_parquet(tmp)
+
+
+_WRITERS: dict[str, Callable[[geopandas.GeoDataFrame, Path, str], None]] = {
+    "GeoJSON": _write_geojson,
+    "GPKG": _write_gpkg,
+    "GeoParquet": _write_parquet,
+}
+
+
+def _for_ogr(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
+    """Copy of ``gdf`` whose columns map cleanly onto OGR field types.
+
+    * A named or non-integer index becomes column(s), as ``GeoDataFrame.to_file`` does
+      (OGR has no index; a default integer index is dropped).
+    * ``object`` columns holding only booleans (or only integers) and missing values
+      become pandas nullable ``boolean`` (``Int64``) so they are written as booleans
+      (integers) with nulls, rather than as the strings ``"True"``/``"False"``.
+    """
+    out = gdf
+    index = gdf.index
+    if index.nlevels > 1 or index.name is not None or not pd.api.types.is_integer_dtype(index):
+        out = gdf.reset_index()
+    geometry_name = out.geometry.name
+    dtypes: dict[Any, str] = {}
+    for name in out.columns:
+        if name != geometry_name and out[name].dtype == object:
+            nullable = _nullable_dtype(out[name])
+            if nullable is not None:
+                dtypes[name] = nullable
+    return out.astype(dtypes) if dtypes else out
+
+
+def _nullable_dtype(column: pd.Series) -> str | None:
+    """``"boolean"``/``"Int64"`` if an object column holds only bools/ints and nulls."""
+    values = column.dropna()
+    if values.empty:
+        return None
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        return "boolean"
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return "Int64"
+    return None
+
+
+# --- atomic publication -----------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory entry change (the rename) to disk; best effort, POSIX only."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, target: Path, *, overwrite: bool) -> None:
+    """Move the finished temp file onto ``target`` in one atomic step.
+
+    Without ``overwrite`` a hard link is used, which fails atomically if ``target``
+    appeared meanwhile (another process); where hard links are unsupported the existence
+    check and the rename are two steps.
+    """
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(_exists_message(target)) from None
+    except OSError:  # no hard links on this file system
+        if target.exists():
+            raise OutputExistsError(_exists_message(target)) from None
+        os.replace(tmp, target)
+        return
+    _remove_temp(tmp)  # the target is published; a leftover link would be harmless
+
+
+def _remove_temp(tmp: Path) -> None:
+    """Delete the temp file and any SQLite sidecars; never raises."""
+    for path in (tmp, *(Path(f"{tmp}{s}") for s in _SIDECAR_SUFFIXES)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _write_error(target: Path, exc: Exception) -> WriteError:
+    """WriteError for a failed write of ``target``, with advice, keeping errno."""
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC:
+        advice = f"the disk holding {str(target.parent)!r} is full; free space and retry"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = f"check write permission on {str(target.parent)!r} and retry"
+    else:
+        advice = "check free disk space and permissions, then retry"
+    error = WriteError(
+        f"writing {str(target)!r} failed ({type(exc).__name__}: {exc}); {advice}. "
+        "Any previous file at that path is unchanged."
+    )
+    error.errno = code
+    return error
