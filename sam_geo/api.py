@@ -23,11 +23,19 @@ import shapely
 from .engine import EngineConfig, TileResult, TileTask, resolve_device
 from .errors import ConfigError
 from .models import resolve_weights
-from .prompts import PROMPT_MODES, PromptMode, PromptSet, build_prompts, plan_prompt_tiles, read_prompt_layer
+from .prompts import (
+    PROMPT_MODES,
+    PromptBatch,
+    PromptMode,
+    PromptSet,
+    build_prompts,
+    plan_prompt_tiles,
+    read_prompt_layer,
+)
 from .raster import SceneInfo, compute_stretch, open_scene
 from .runtime import RunTimer, RuntimeOptions, run_tiles
 from .summary import RunSummary
-from .tiles import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, TileGrid
+from .tiles import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, ZOOMS, TileGrid, validate_tiling
 from .vectorize import geometry_area_m2, metres_to_crs_units
 from .writers import check_output_path, write_vector
 
@@ -48,6 +56,8 @@ class SegmentSettings:
     stretch: str = "auto"
     tile_size: int = DEFAULT_TILE_SIZE
     overlap: int = DEFAULT_OVERLAP
+    zoom: int | None = None
+    """Model pixels per scene pixel (1, 2 or 4); None: chosen from the prompt sizes."""
     min_area_m2: float = DEFAULT_MIN_AREA_M2
     simplify_m: float | None = None
     batch_size: int | None = None
@@ -61,6 +71,8 @@ class SegmentSettings:
             raise ConfigError(f"simplify tolerance must be between 0 and 1000 m, got {self.simplify_m}")
         if self.batch_size is not None and not (1 <= self.batch_size <= 4096):
             raise ConfigError(f"batch size must be between 1 and 4096 prompts, got {self.batch_size}")
+        if self.zoom is not None and self.zoom not in ZOOMS:
+            raise ConfigError(f"zoom must be one of {', '.join(map(str, ZOOMS))} (or auto), got {self.zoom}")
         if self.device not in {"auto", "cpu"} and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -104,9 +116,7 @@ def segment(
         _check_summary_path(Path(summary_path), overwrite)
 
     scene_info = open_scene(scene, bands=settings.bands, assume_crs=settings.assume_crs)
-    grid = TileGrid(
-        scene_info.height, scene_info.width, scene_info.transform, settings.tile_size, settings.overlap
-    )
+    validate_tiling(settings.tile_size, settings.overlap)
     weights = resolve_weights(settings.model, settings.weights)
     frame = read_prompt_layer(prompts, layer=prompts_layer, assume_crs=prompts_crs)
     if id_column is not None and id_column not in frame.columns:
@@ -116,6 +126,10 @@ def segment(
         )
     prompt_set = build_prompts(
         frame, scene_info.crs, scene_info.transform, (scene_info.height, scene_info.width), prompt_as=prompt_as
+    )
+    zoom = settings.zoom or choose_zoom(prompt_set.batch)
+    grid = TileGrid(
+        scene_info.height, scene_info.width, scene_info.transform, settings.tile_size, settings.overlap, zoom
     )
     stretch = compute_stretch(scene_info, method=settings.stretch)
     plan = plan_prompt_tiles(grid, prompt_set.batch)
@@ -135,7 +149,7 @@ def segment(
         "weights_source": weights.source,
         "device": resolve_device(settings.device),
     }
-    summary.settings = {**settings.__dict__, "prompt_as": prompt_as, "workers": runtime.workers}
+    summary.settings = {**settings.__dict__, "zoom": zoom, "prompt_as": prompt_as, "workers": runtime.workers}
     summary.tiles.planned = len(plan.tiles)
 
     tasks = [TileTask(scene_info, stretch, tile, batch) for tile, batch in plan.tiles]
@@ -157,6 +171,28 @@ def segment(
     if summary_path is not None:
         summary.write(summary_path)
     return gdf
+
+
+ZOOM_THRESHOLDS_PX = ((48.0, 1), (24.0, 2))
+"""Auto zoom: median prompt box side (scene px) >= 48 -> 1, >= 24 -> 2, smaller -> 4."""
+
+
+def choose_zoom(batch: PromptBatch) -> int:
+    """Zoom for a prompt set: upsample scenes whose prompted objects are small in pixels.
+
+    SAM segments objects a few dozen pixels across poorly (it was trained on photos
+    where objects span hundreds). Measured on the Sentinel-2 fields (10 m, median box
+    20 px): median IoU 0.566 at zoom 1, 0.628 at 2, 0.656 at 4 (``benchmarks/zoom.py``).
+    Point-only layers give no size and keep zoom 1.
+    """
+    boxes = batch.boxes[batch.has_box]
+    if len(boxes) == 0:
+        return 1
+    median_side = float(np.median(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
+    for threshold, zoom in ZOOM_THRESHOLDS_PX:
+        if median_side >= threshold:
+            return zoom
+    return ZOOMS[-1]
 
 
 def _merge_settings(settings: SegmentSettings | None, overrides: dict[str, Any]) -> SegmentSettings:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +37,7 @@ class SegmentSection(_Section):
     stretch: str | None = None
     tile_size: int | None = Field(default=None, ge=64, le=8192)
     overlap: int | None = Field(default=None, ge=0)
+    zoom: Literal["auto", "1", "2", "4", 1, 2, 4] | None = None
     prompt_as: str | None = None
     id_column: str | None = None
     min_area: float | None = Field(default=None, ge=0)

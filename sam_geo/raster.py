@@ -568,9 +568,11 @@ def read_window(
         scene: The scene's metadata (bands to read).
         stretch: The scene-wide stretch from :func:`compute_stretch`.
         window: Integer pixel window lying entirely inside the scene (no boundless read).
-        out_shape: ``(rows, cols)`` of a downsampled read, or ``None`` for full resolution.
+        out_shape: ``(rows, cols)`` of a resampled read, or ``None`` for full resolution.
 
-    Downsampled reads use average resampling; GDAL averages only valid source pixels
+    Upsampled reads (``out_shape`` larger than the window, see ``TileGrid.zoom``) use
+    bilinear resampling for data and nearest for the mask. Downsampled reads use average
+    resampling; GDAL averages only valid source pixels
     (nodata, masked and alpha-transparent pixels are left out) and may serve the read
     from an overview. An output pixel is valid where GDAL's average-resampled dataset
     mask is > 0, i.e. where at least one of its source pixels is valid (its value being
@@ -583,10 +585,16 @@ def read_window(
     """
     _check_read_args(src, scene, window, out_shape)
     shape = (int(window.height), int(window.width)) if out_shape is None else out_shape
-    resampling = Resampling.nearest if out_shape is None else Resampling.average
+    upsampled = out_shape is not None and out_shape[0] > window.height
+    if out_shape is None:
+        resampling = mask_resampling = Resampling.nearest
+    elif upsampled:
+        resampling, mask_resampling = Resampling.bilinear, Resampling.nearest
+    else:
+        resampling = mask_resampling = Resampling.average
     try:
         data = _read_bands(src, scene.bands, window, shape, resampling)
-        valid = src.dataset_mask(window=window, out_shape=shape, resampling=resampling) > 0
+        valid = src.dataset_mask(window=window, out_shape=shape, resampling=mask_resampling) > 0
     except _READ_ERRORS as exc:
         raise RasterReadError(
             f"Failed to read {_describe(window)} of {scene.path}: {_gdal_reason(exc)}. The "

@@ -38,6 +38,9 @@ DEFAULT_TILE_SIZE = 1024
 DEFAULT_OVERLAP = 128
 """Default halo in pixels on each interior side of a tile."""
 
+ZOOMS = (1, 2, 4)
+"""Allowed zoom factors: model pixels per scene pixel (upsampling for small objects)."""
+
 
 @dataclass(frozen=True, slots=True)
 class PixelBox:
@@ -183,10 +186,13 @@ def _axis_core_bounds(length: int, starts: list[int], read_len: int) -> list[int
 class TileGrid:
     """A regular grid of overlapping tiles over a ``height x width`` pixel scene.
 
-    Parameters are in scene pixels. ``tile_size`` is the side of each read window (the
-    model's input; 1024 is SAM's native size), ``overlap`` the halo kept on each
-    interior side; it must satisfy ``0 <= 2 * overlap < tile_size``. Along an axis
-    shorter than ``tile_size`` there is one tile whose read window is the whole axis.
+    ``tile_size`` is the side of each tile array given to the model (1024 is SAM's
+    native input) and ``overlap`` the halo kept on each interior side, both in model
+    pixels; ``0 <= 2 * overlap < tile_size``. ``zoom`` is model pixels per scene pixel:
+    at ``zoom=1`` (default) model and scene pixels are the same; at 2 or 4, read windows
+    cover ``tile_size / zoom`` scene pixels and are upsampled, which helps SAM with
+    objects only a few dozen pixels across (10 m fields). Along an axis shorter than
+    the read window there is one tile whose read window is the whole axis.
     """
 
     height: int
@@ -194,26 +200,42 @@ class TileGrid:
     transform: Affine = Affine.identity()
     tile_size: int = DEFAULT_TILE_SIZE
     overlap: int = DEFAULT_OVERLAP
+    zoom: int = 1
 
     def __post_init__(self) -> None:
         validate_tiling(self.tile_size, self.overlap)
+        if self.zoom not in ZOOMS or self.tile_size % self.zoom or self.overlap % self.zoom:
+            raise ConfigError(
+                f"zoom must be one of {ZOOMS} and divide the tile size and overlap "
+                f"(got zoom {self.zoom}, tile size {self.tile_size}, overlap {self.overlap})"
+            )
         if self.height < 1 or self.width < 1:
             raise ConfigError(f"a scene must have at least 1 x 1 pixels, got {self.height} x {self.width}")
 
     @property
+    def read_size(self) -> int:
+        """Side of a read window in scene pixels: ``tile_size / zoom``."""
+        return self.tile_size // self.zoom
+
+    @property
+    def halo(self) -> int:
+        """Minimum halo in scene pixels: ``overlap / zoom``."""
+        return self.overlap // self.zoom
+
+    @property
     def stride(self) -> int:
-        """Distance in pixels between the starts of neighbouring read windows."""
-        return self.tile_size - 2 * self.overlap
+        """Distance in scene pixels between the starts of neighbouring read windows."""
+        return self.read_size - 2 * self.halo
 
     @cached_property
     def _rows(self) -> tuple[list[int], list[int]]:
-        starts = _axis_read_starts(self.height, self.tile_size, self.stride)
-        return starts, _axis_core_bounds(self.height, starts, min(self.tile_size, self.height))
+        starts = _axis_read_starts(self.height, self.read_size, self.stride)
+        return starts, _axis_core_bounds(self.height, starts, min(self.read_size, self.height))
 
     @cached_property
     def _cols(self) -> tuple[list[int], list[int]]:
-        starts = _axis_read_starts(self.width, self.tile_size, self.stride)
-        return starts, _axis_core_bounds(self.width, starts, min(self.tile_size, self.width))
+        starts = _axis_read_starts(self.width, self.read_size, self.stride)
+        return starts, _axis_core_bounds(self.width, starts, min(self.read_size, self.width))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -237,11 +259,12 @@ class TileGrid:
             raise IndexError(f"tile ({i}, {j}) outside a {rows} x {cols} grid")
         row_starts, row_bounds = self._rows
         col_starts, col_bounds = self._cols
-        read_h = min(self.tile_size, self.height)
-        read_w = min(self.tile_size, self.width)
+        read_h = min(self.read_size, self.height)
+        read_w = min(self.read_size, self.width)
         read = PixelBox(row_starts[i], col_starts[j], row_starts[i] + read_h, col_starts[j] + read_w)
         core = PixelBox(row_bounds[i], col_bounds[j], row_bounds[i + 1], col_bounds[j + 1])
-        return Tile(f"r{i:04d}c{j:04d}", core, read, (read_h, read_w), self.transform)
+        shape = (read_h * self.zoom, read_w * self.zoom)
+        return Tile(f"r{i:04d}c{j:04d}", core, read, shape, self.transform)
 
     def index_of(self, row: float, col: float) -> tuple[int, int]:
         """Grid (i, j) of the tile whose core contains scene pixel (row, col).
@@ -278,22 +301,20 @@ class TileGrid:
     def window_tile(self, box: PixelBox, *, margin: float = 0.0) -> Tile:
         """A tile made around one box that no grid tile holds whole.
 
-        The read window is a square of side ``max(tile_size, longest box side + 2 *
-        margin + 2)`` centred on the box and shifted inside the scene (clipped where the
-        scene is smaller). If it is larger than ``tile_size`` the array is downsampled to
-        ``tile_size`` along its longer side, so the model still sees the whole object.
+        The read window is a square of side ``max(read_size, longest box side + 2 *
+        margin + 2)`` scene pixels centred on the box and shifted inside the scene
+        (clipped where the scene is smaller). It is resampled by ``zoom``, or less where
+        that would exceed ``tile_size`` (downsampled if need be), so the model still sees
+        the whole object.
         The core window equals the read window.
         """
-        side = max(self.tile_size, math.ceil(max(box.height, box.width) + 2 * margin) + 2)
+        side = max(self.read_size, math.ceil(max(box.height, box.width) + 2 * margin) + 2)
         row0 = _place(box.center[0], side, self.height)
         col0 = _place(box.center[1], side, self.width)
         read_h, read_w = min(side, self.height), min(side, self.width)
         read = PixelBox(row0, col0, row0 + read_h, col0 + read_w)
-        factor = max(read_h, read_w) / self.tile_size
-        if factor > 1:
-            shape = (max(1, round(read_h / factor)), max(1, round(read_w / factor)))
-        else:
-            shape = (read_h, read_w)
+        scale = min(float(self.zoom), self.tile_size / max(read_h, read_w))
+        shape = (max(1, round(read_h * scale)), max(1, round(read_w * scale)))
         key = f"w{row0}_{col0}_{side}"
         return Tile(key, read, read, shape, self.transform)
 

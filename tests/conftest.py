@@ -2,6 +2,39 @@
 
 from __future__ import annotations
 
+# --- environment and shared data ---------------------------------------------------
+# Tests never touch the network; real data and weights come from ../shared beside the
+# repository (CI clones the project next to it). A missing file fails, never skips.
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BANEPA = SHARED / "data" / "banepa"
+INRIA = SHARED / "data" / "inria"
+FIELDS = SHARED / "data" / "fields"
+WEIGHTS = SHARED / "weights" / "mobile_sam.pt"
+
+os.environ["SAM_GEO_OFFLINE"] = "1"
+os.environ.setdefault("SAM_GEO_WEIGHTS_DIR", str(SHARED / "weights"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One embedded local Ray for the whole test session (start-up costs seconds)."""
+    import ray
+
+    from sam_geo.runtime import ensure_ray
+
+    ensure_ray(None)
+    yield
+    ray.shutdown()
+
+
 # --- raster fixtures ------------------------------------------------------------------
 # Tiny GeoTIFFs written in code (no data files in the repo). Used by tests/test_raster.py.
 

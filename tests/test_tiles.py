@@ -14,11 +14,12 @@ from sam_geo.tiles import PixelBox, TileGrid, validate_tiling
 
 @st.composite
 def grids(draw: st.DrawFn) -> TileGrid:
-    tile = draw(st.integers(64, 600))
-    overlap = draw(st.integers(0, (tile - 1) // 2))
+    zoom = draw(st.sampled_from([1, 1, 2, 4]))
+    tile = zoom * draw(st.integers(64 // zoom, 600 // zoom))
+    overlap = zoom * draw(st.integers(0, (tile // zoom - 1) // 2))
     height = draw(st.integers(1, 3000))
     width = draw(st.integers(1, 3000))
-    return TileGrid(height, width, Affine(0.5, 0, 100, 0, -0.5, 900), tile, overlap)
+    return TileGrid(height, width, Affine(0.5, 0, 100, 0, -0.5, 900), tile, overlap, zoom)
 
 
 @settings(max_examples=200, deadline=None)
@@ -37,9 +38,11 @@ def test_read_windows_are_full_size_inside_scene_and_hold_their_core(grid: TileG
     for tile in grid:
         assert tile.read.row_start >= 0 and tile.read.col_start >= 0
         assert tile.read.row_stop <= grid.height and tile.read.col_stop <= grid.width
-        assert tile.shape == (min(grid.tile_size, grid.height), min(grid.tile_size, grid.width))
+        read_h, read_w = min(grid.read_size, grid.height), min(grid.read_size, grid.width)
+        assert (tile.read.height, tile.read.width) == (read_h, read_w)
+        assert tile.shape == (read_h * grid.zoom, read_w * grid.zoom)
         assert tile.read.contains(tile.core)
-        assert tile.scale == 1.0
+        assert tile.scale == pytest.approx(1 / grid.zoom)
 
 
 @settings(max_examples=200, deadline=None)
@@ -51,13 +54,13 @@ def test_halo_is_at_least_overlap_on_interior_sides(grid: TileGrid) -> None:
             top, left, bottom, right = grid.tile(i, j).halo
             assert min(top, left, bottom, right) >= 0
             if i > 0:
-                assert top >= grid.overlap
+                assert top >= grid.halo
             if i < rows - 1:
-                assert bottom >= grid.overlap
+                assert bottom >= grid.halo
             if j > 0:
-                assert left >= grid.overlap
+                assert left >= grid.halo
             if j < cols - 1:
-                assert right >= grid.overlap
+                assert right >= grid.halo
 
 
 @settings(max_examples=200, deadline=None)
@@ -72,8 +75,8 @@ def test_index_of_finds_the_core_holding_a_pixel(grid: TileGrid, data: st.DataOb
 @settings(max_examples=200, deadline=None)
 @given(grids(), st.data())
 def test_any_box_up_to_twice_the_overlap_fits_a_grid_tile(grid: TileGrid, data: st.DataObject) -> None:
-    side_r = data.draw(st.integers(0, min(2 * grid.overlap, grid.height)))
-    side_c = data.draw(st.integers(0, min(2 * grid.overlap, grid.width)))
+    side_r = data.draw(st.integers(0, min(2 * grid.halo, grid.height)))
+    side_c = data.draw(st.integers(0, min(2 * grid.halo, grid.width)))
     r0 = data.draw(st.integers(0, grid.height - side_r))
     c0 = data.draw(st.integers(0, grid.width - side_c))
     box = PixelBox(r0, c0, r0 + side_r, c0 + side_c)
@@ -92,7 +95,7 @@ def test_window_tile_holds_any_box_and_maps_pixels_consistently(grid: TileGrid, 
     box = PixelBox(r0, c0, r1, c1)
     tile = grid.window_tile(box)
     assert tile.read.contains(box)
-    assert max(tile.shape) <= max(grid.tile_size, 1)
+    assert max(tile.shape) <= grid.tile_size
     # the tile's affine agrees with the scene's affine at the read window's far corner
     far_x, far_y = tile.transform @ (tile.shape[1], tile.shape[0])
     exp_x, exp_y = grid.transform @ (tile.read.col_stop, tile.read.row_stop)
@@ -124,6 +127,17 @@ def test_tile_transform_maps_tile_pixels_to_scene_coordinates() -> None:
     for col, row in [(0, 0), (10.5, 3.5), (511, 511)]:
         expected = scene_transform @ (tile.read.col_start + col, tile.read.row_start + row)
         assert tile.transform @ (col, row) == pytest.approx(expected)
+
+
+def test_zoom_upsamples_read_windows_for_small_objects() -> None:
+    grid = TileGrid(1500, 806, Affine(10, 0, 0, 0, -10, 0), 1024, 128, zoom=4)
+    tile = grid.tile(0, 0)
+    assert (tile.read.height, tile.read.width) == (256, 256)
+    assert tile.shape == (1024, 1024)
+    assert tile.halo[2] >= 32  # 128 model px = 32 scene px
+    assert tile.transform.a == pytest.approx(2.5)  # 10 m scene pixels seen as 2.5 m
+    with pytest.raises(ConfigError, match="zoom"):
+        TileGrid(100, 100, tile_size=1024, overlap=130, zoom=4)
 
 
 def test_window_tile_downsamples_a_box_larger_than_a_tile() -> None:

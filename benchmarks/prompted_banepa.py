@@ -1,0 +1,53 @@
+"""Prompted segmentation of the whole Banepa scene from the OSM outlines (EPSG:4326).
+
+Prints per-building IoU figures against ``buildings_utm45n.geojson`` (a building with no
+output counts as 0) and the run summary's stage seconds.
+
+    python benchmarks/prompted_banepa.py [--prompt-as box|box+point|point] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import geopandas as gpd
+import numpy as np
+
+from _common import BANEPA, WEIGHTS, per_object_iou
+from sam_geo import segment
+from sam_geo.runtime import RuntimeOptions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompt-as", default="auto")
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    prompts = gpd.read_file(BANEPA / "osm_buildings_4326.geojson")
+    if args.prompt_as == "point":
+        prompts = prompts.set_geometry(prompts.geometry.to_crs(32645).representative_point().to_crs(4326))
+    start = time.perf_counter()
+    gdf = segment(
+        BANEPA / "banepa_utm45n.tif",
+        prompts,
+        prompt_as="auto" if args.prompt_as == "point" else args.prompt_as,
+        id_column="osm_id",
+        weights=str(WEIGHTS),
+        runtime=RuntimeOptions(workers=args.workers, progress=False),
+    )
+    wall = time.perf_counter() - start
+    truth = gpd.read_file(BANEPA / "buildings_utm45n.geojson")
+    ious = per_object_iou(gdf, truth, "osm_id")
+    summary = gdf.attrs["summary"]
+    print(f"prompt_as={args.prompt_as} workers={args.workers} buildings={len(truth)}")
+    print(f"median IoU {np.median(ious):.4f}  mean {ious.mean():.4f}  share>=0.5 {(ious >= 0.5).mean():.4f}"
+          f"  share>=0.75 {(ious >= 0.75).mean():.4f}")
+    print(f"wall {wall:.1f} s; per prompt {1000 * summary['seconds']['decode'] / summary['prompts']['used']:.1f} ms decode")
+    print(json.dumps({k: summary[k] for k in ("tiles", "seconds")}))
+    print(json.dumps({k: v for k, v in summary["prompts"].items() if not k.endswith("_ids")}))
+
+
+if __name__ == "__main__":
+    main()
