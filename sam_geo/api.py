@@ -8,9 +8,11 @@ The CLI (:mod:`sam_geo.cli`) is a thin layer over these functions.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,23 +22,26 @@ import numpy as np
 import pandas as pd
 import shapely
 
+from . import __version__
 from .engine import EngineConfig, TileResult, TileTask, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, OutputExistsError, RasterError, RunError
 from .models import resolve_weights
 from .prompts import (
     PROMPT_MODES,
     PromptBatch,
     PromptMode,
     PromptSet,
+    TilePlan,
     build_prompts,
     plan_prompt_tiles,
     read_prompt_layer,
 )
-from .raster import SceneInfo, compute_stretch, open_scene
+from .raster import SceneInfo, Stretch, compute_stretch, open_scene
 from .runtime import RunTimer, RuntimeOptions, run_tiles
 from .summary import RunSummary
 from .tiles import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, ZOOMS, TileGrid, validate_tiling
 from .vectorize import geometry_area_m2, metres_to_crs_units
+from .workdir import WorkDir, digest, fingerprint_file
 from .writers import check_output_path, write_vector
 
 DEFAULT_MIN_AREA_M2 = 0.5
@@ -78,7 +83,7 @@ class SegmentSettings:
 
 
 def segment(
-    scene: str | os.PathLike[str],
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     prompts: str | os.PathLike[str] | gpd.GeoDataFrame,
     *,
     output: str | os.PathLike[str] | None = None,
@@ -90,17 +95,29 @@ def segment(
     settings: SegmentSettings | None = None,
     runtime: RuntimeOptions | None = None,
     summary_path: str | os.PathLike[str] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    restart: bool = False,
+    max_failed_tiles: int = 0,
     **setting_overrides: Any,
 ) -> gpd.GeoDataFrame:
-    """Segment the objects a vector layer points at, over a whole scene.
+    """Segment the objects a vector layer points at, over one or several whole scenes.
 
     Each prompt (a feature of ``prompts``: points become point prompts, polygons box
     prompts; see ``prompt_as``) is decoded in a window that holds its whole box, so no
     prompted object is cut by a tile edge. Returns one row per prompt that produced a
-    mask, in the scene's CRS, with the prompt's attributes plus ``prompt_index`` (its
-    row in the layer), ``score`` (SAM's predicted IoU) and ``area_m2``. The run summary
-    is in ``gdf.attrs["summary"]``; prompts outside the scene, on nodata, with invalid
-    geometry or with an empty mask are listed there.
+    mask, with the prompt's attributes plus ``prompt_index`` (its row in the layer),
+    ``score`` (SAM's predicted IoU) and ``area_m2``, in the CRS of the (first) scene.
+
+    ``scenes``: a path, URL, glob (``"tiles/*.tif"``), ``@list.txt`` (one path per
+    line), or a list of those. With several scenes the output is one merged layer with
+    a ``scene`` column, reprojected to the first scene's CRS; a prompt belongs to the
+    first scene (in the order given) that it intersects.
+
+    The run summary is in ``gdf.attrs["summary"]``: prompts outside every scene, on
+    nodata, with invalid geometry or an empty mask are listed there. ``work_dir`` keeps
+    each finished tile so a rerun resumes (see :mod:`sam_geo.workdir`); tiles that keep
+    failing are recorded and the rest finishes, but more than ``max_failed_tiles``
+    failures raise :class:`~sam_geo.errors.RunError` and write no output.
 
     ``output`` (``.geojson``, ``.gpkg``, ``.parquet``) is written atomically and never
     overwritten unless ``overwrite``. Keyword arguments not listed are fields of
@@ -111,56 +128,62 @@ def segment(
     runtime = runtime or RuntimeOptions()
     if prompt_as not in PROMPT_MODES:
         raise ConfigError(f"unknown prompt mode {prompt_as!r}; use one of {', '.join(PROMPT_MODES)}")
+    if max_failed_tiles < 0:
+        raise ConfigError(f"max failed tiles must be >= 0, got {max_failed_tiles}")
     output_path = check_output_path(output, overwrite=overwrite) if output is not None else None
     if summary_path is not None:
         _check_summary_path(Path(summary_path), overwrite)
 
-    scene_info = open_scene(scene, bands=settings.bands, assume_crs=settings.assume_crs)
+    infos = [open_scene(p, bands=settings.bands, assume_crs=settings.assume_crs) for p in expand_scenes(scenes)]
     validate_tiling(settings.tile_size, settings.overlap)
     weights = resolve_weights(settings.model, settings.weights)
     frame = read_prompt_layer(prompts, layer=prompts_layer, assume_crs=prompts_crs)
+    frame.index = pd.RangeIndex(len(frame), name="prompt_index")
     if id_column is not None and id_column not in frame.columns:
         raise ConfigError(
             f"id column {id_column!r} is not in the prompt layer; its columns are: "
             + ", ".join(map(str, frame.columns.drop(frame.geometry.name)))
         )
-    prompt_set = build_prompts(
-        frame, scene_info.crs, scene_info.transform, (scene_info.height, scene_info.width), prompt_as=prompt_as
-    )
-    zoom = settings.zoom or choose_zoom(prompt_set.batch)
-    grid = TileGrid(
-        scene_info.height, scene_info.width, scene_info.transform, settings.tile_size, settings.overlap, zoom
-    )
-    stretch = compute_stretch(scene_info, method=settings.stretch)
-    plan = plan_prompt_tiles(grid, prompt_set.batch)
+    jobs, outside, invalid = _plan_scenes(infos, frame, settings, prompt_as)
 
     config = EngineConfig(
         model=settings.model,
         weights=str(weights.path),
         device=settings.device,
         batch_size=settings.batch_size,
-        min_area=_min_area_in_crs_units(scene_info, settings.min_area_m2),
-        simplify=_metres_in_crs_units(scene_info, settings.simplify_m),
+        min_area=_min_area_in_crs_units(infos[0], settings.min_area_m2),
+        simplify=_metres_in_crs_units(infos[0], settings.simplify_m),
     )
-    summary = RunSummary(scene=str(scene), mode="prompted")
+    summary = RunSummary(scene=", ".join(i.path for i in infos), mode="prompted")
     summary.model = {
         "name": settings.model,
         "weights_sha256": weights.sha256,
         "weights_source": weights.source,
         "device": resolve_device(settings.device),
     }
-    summary.settings = {**settings.__dict__, "zoom": zoom, "prompt_as": prompt_as, "workers": runtime.workers}
-    summary.tiles.planned = len(plan.tiles)
+    summary.settings = {
+        **settings.__dict__,
+        "zoom": [job.grid.zoom for job in jobs],
+        "prompt_as": prompt_as,
+        "workers": runtime.workers,
+    }
+    tasks = [TileTask(job.scene, job.stretch, tile, batch) for job in jobs for tile, batch in job.plan.tiles]
+    summary.tiles.planned = len(tasks)
+    store = _open_work_dir(work_dir, restart, summary, infos, frame, prompt_as) if work_dir else None
+    results = run_with_work_dir(tasks, config, runtime, store, summary)
 
-    tasks = [TileTask(scene_info, stretch, tile, batch) for tile, batch in plan.tiles]
-    timer = RunTimer()
-    results: list[TileResult] = []
-    for result in run_tiles(tasks, config, runtime, timer):
-        results.append(result)
-        summary.add_seconds(result.seconds)
-    summary.add_seconds(timer.seconds)
-
-    gdf = _assemble(prompt_set, results, scene_info, summary, id_column)
+    gdf = _assemble(frame, jobs, results, summary, id_column, outside, invalid)
+    failed = [r for r in results if r.error]
+    if len(failed) > max_failed_tiles:
+        summary.seconds["total"] = time.perf_counter() - t_total
+        if summary_path is not None:
+            summary.write(summary_path)
+        first = failed[0]
+        raise RunError(
+            f"{len(failed)} of {len(tasks)} tiles failed (allowed: {max_failed_tiles}), so no output was "
+            f"written; first: tile {first.tile_key}: {first.error}. Finished tiles are kept in the work dir "
+            "if one was given; fix the input or raise --max-failed-tiles."
+        )
     if output_path is not None:
         start = time.perf_counter()
         write_vector(gdf, output_path, overwrite=overwrite)
@@ -171,6 +194,124 @@ def segment(
     if summary_path is not None:
         summary.write(summary_path)
     return gdf
+
+
+@dataclass(frozen=True)
+class SceneJob:
+    """One scene's share of a prompted run."""
+
+    scene: SceneInfo
+    grid: TileGrid
+    stretch: Stretch
+    prompts: PromptSet
+    plan: TilePlan
+
+
+def expand_scenes(scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Scene arguments -> paths: globs expanded (sorted), ``@file`` lists read, order kept.
+
+    A text file of paths may also be given by a ``.txt`` suffix. Raises
+    :class:`RasterError` for a glob that matches nothing or an empty list.
+    """
+    items = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    paths: list[str] = []
+    for item in map(str, items):
+        if item.startswith("@") or item.endswith(".txt"):
+            listing = Path(item.lstrip("@"))
+            if not listing.exists():
+                raise RasterError(f"scene list {listing} does not exist")
+            lines = listing.read_text(encoding="utf-8").splitlines()
+            paths += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        elif glob.has_magic(item) and "://" not in item:
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise RasterError(f"no scene matches {item!r}")
+            paths += matched
+        else:
+            paths.append(item)
+    if not paths:
+        raise RasterError("no scenes given")
+    return list(dict.fromkeys(paths))
+
+
+def _plan_scenes(
+    infos: list[SceneInfo], frame: gpd.GeoDataFrame, settings: SegmentSettings, prompt_as: PromptMode
+) -> tuple[list[SceneJob], tuple[int, ...], tuple[int, ...]]:
+    """Give each prompt to the first scene it intersects; plan each scene's tiles."""
+    jobs: list[SceneJob] = []
+    remaining = frame
+    invalid: tuple[int, ...] = ()
+    for n, info in enumerate(infos):
+        prompt_set = build_prompts(remaining, info.crs, info.transform, (info.height, info.width), prompt_as=prompt_as)
+        if n == 0:
+            invalid = prompt_set.invalid
+        remaining = remaining.loc[list(prompt_set.outside)]
+        if len(prompt_set.batch) == 0:
+            continue
+        zoom = settings.zoom or choose_zoom(prompt_set.batch)
+        grid = TileGrid(info.height, info.width, info.transform, settings.tile_size, settings.overlap, zoom)
+        stretch = compute_stretch(info, method=settings.stretch)
+        jobs.append(SceneJob(info, grid, stretch, prompt_set, plan_prompt_tiles(grid, prompt_set.batch)))
+    return jobs, tuple(int(i) for i in remaining.index), invalid
+
+
+def _open_work_dir(
+    path: str | os.PathLike[str],
+    restart: bool,
+    summary: RunSummary,
+    infos: list[SceneInfo],
+    frame: gpd.GeoDataFrame,
+    prompt_as: str,
+) -> WorkDir:
+    wkb = shapely.to_wkb(frame.geometry.to_numpy(), hex=False)
+    prompts_digest = digest(
+        b"".join(g if g is not None else b"-" for g in wkb),
+        str(frame.crs).encode(),
+        ",".join(map(str, frame.columns)).encode(),
+    )
+    fingerprint = {
+        "sam_geo": __version__,
+        "mode": summary.mode,
+        "model": summary.model["name"],
+        "weights_sha256": summary.model["weights_sha256"],
+        "settings": {k: v for k, v in summary.settings.items() if k not in ("workers", "device", "batch_size")},
+        "scenes": [fingerprint_file(info.path) for info in infos],
+        "prompts": prompts_digest,
+        "prompt_as": prompt_as,
+    }
+    return WorkDir(path, fingerprint, restart=restart)
+
+
+def run_with_work_dir(
+    tasks: list[Any], config: EngineConfig, runtime: RuntimeOptions, store: WorkDir | None, summary: RunSummary
+) -> list[TileResult]:
+    """Run the tasks not already finished in ``store``; save each success there first.
+
+    Fills ``summary.tiles`` (processed, resumed, failed, skipped_nodata) and the stage
+    seconds. Results come back in no particular order.
+    """
+    results: list[TileResult] = []
+    todo = tasks
+    if store is not None:
+        done = [t for t in tasks if store.done(t.key)]
+        results += [store.load(t.key) for t in done]
+        summary.tiles.resumed = len(done)
+        todo = [t for t in tasks if not store.done(t.key)]
+    timer = RunTimer()
+    for result in run_tiles(todo, config, runtime, timer):
+        if result.error is None and store is not None:
+            store.save(result.tile_key, result)
+        results.append(result)
+        summary.add_seconds(result.seconds)
+        summary.tiles.processed += int(result.encoded)
+        if runtime.on_result is not None:
+            runtime.on_result(result)
+    summary.add_seconds(timer.seconds)
+    summary.tiles.skipped_nodata = sum(r.skipped_nodata for r in results)
+    failed = [r for r in results if r.error]
+    summary.tiles.failed = len(failed)
+    summary.failures = [{"tile": r.tile_key, "error": r.error, "attempts": r.attempts} for r in failed]
+    return results
 
 
 ZOOM_THRESHOLDS_PX = ((48.0, 1), (24.0, 2))
@@ -211,8 +352,6 @@ def _merge_settings(settings: SegmentSettings | None, overrides: dict[str, Any])
 
 
 def _check_summary_path(path: Path, overwrite: bool) -> None:
-    from .errors import OutputError, OutputExistsError
-
     if not path.parent.exists():
         raise OutputError(f"directory {path.parent} of the summary file does not exist; create it first")
     if path.exists() and not overwrite:
@@ -248,38 +387,49 @@ def _plain(value: Any) -> Any:
 
 
 def _assemble(
-    prompt_set: PromptSet,
+    frame: gpd.GeoDataFrame,
+    jobs: list[SceneJob],
     results: list[TileResult],
-    scene: SceneInfo,
     summary: RunSummary,
     id_column: str | None,
+    outside: tuple[int, ...],
+    invalid: tuple[int, ...],
 ) -> gpd.GeoDataFrame:
-    """Join decoded polygons to their prompts' attributes; fill the summary's counts."""
-    frame = prompt_set.frame
-    records = [r for res in results for r in res.results]
+    """Join decoded polygons to their prompts' attributes; fill the summary's counts.
+
+    Several scenes are merged into the first scene's CRS (reprojected explicitly) with
+    a ``scene`` column naming each row's scene.
+    """
+    scene_of_tile = {TileTask(j.scene, j.stretch, t, b).key: j.scene for j in jobs for t, b in j.plan.tiles}
+    records = [(scene_of_tile[res.tile_key], r) for res in results for r in res.results]
     on_nodata = sorted({i for res in results for i in res.on_nodata})
-    empty = sorted(r.prompt_index for r in records if r.wkb is None)
-    done = [r for r in records if r.wkb is not None]
+    empty = sorted(r.prompt_index for _, r in records if r.wkb is None)
+    done = sorted(((s, r) for s, r in records if r.wkb is not None), key=lambda sr: sr[1].prompt_index)
 
     counts = summary.prompts
     counts.total = len(frame)
-    counts.used = len(prompt_set.batch)
-    counts.outside, counts.outside_ids = len(prompt_set.outside), _ids(frame, prompt_set.outside, id_column)
-    counts.invalid, counts.invalid_ids = len(prompt_set.invalid), _ids(frame, prompt_set.invalid, id_column)
+    counts.used = sum(len(j.prompts.batch) for j in jobs)
+    counts.outside, counts.outside_ids = len(outside), _ids(frame, outside, id_column)
+    counts.invalid, counts.invalid_ids = len(invalid), _ids(frame, invalid, id_column)
     counts.on_nodata, counts.on_nodata_ids = len(on_nodata), _ids(frame, on_nodata, id_column)
     counts.empty, counts.empty_ids = len(empty), _ids(frame, empty, id_column)
-    summary.tiles.processed = sum(res.encoded for res in results)
-    summary.tiles.skipped_nodata = sum(res.skipped_nodata for res in results)
 
-    index = np.array([r.prompt_index for r in done], dtype=np.int64)
-    order = np.argsort(index, kind="stable")
-    index = index[order]
-    geoms = shapely.from_wkb([done[k].wkb for k in order]) if len(done) else np.array([], dtype=object)
+    out_crs = jobs[0].scene.crs if jobs else frame.crs
+    index = np.array([r.prompt_index for _, r in done], dtype=np.int64)
     attrs = pd.DataFrame(frame.drop(columns=frame.geometry.name)).loc[index]
-    attrs = attrs.rename(columns={c: f"prompt_{c}" for c in OUTPUT_COLUMNS if c in attrs.columns})
+    attrs = attrs.rename(columns={c: f"prompt_{c}" for c in (*OUTPUT_COLUMNS, "scene") if c in attrs.columns})
     attrs = attrs.reset_index()
-    attrs["score"] = np.array([done[k].score for k in order], dtype=np.float64)
-    gdf = gpd.GeoDataFrame(attrs, geometry=gpd.GeoSeries(geoms, crs=scene.crs), crs=scene.crs)
-    gdf["area_m2"] = geometry_area_m2(gdf.geometry, scene.crs) if len(gdf) else np.zeros(0)
+    if len(jobs) > 1:
+        attrs["scene"] = [s.path for s, _ in done]
+    attrs["score"] = np.array([r.score for _, r in done], dtype=np.float64)
+    geoms = [_to_crs(shapely.from_wkb(r.wkb), s.crs, out_crs) for s, r in done]
+    gdf = gpd.GeoDataFrame(attrs, geometry=gpd.GeoSeries(geoms, crs=out_crs), crs=out_crs)
+    gdf["area_m2"] = geometry_area_m2(gdf.geometry, out_crs) if len(gdf) else np.zeros(0)
     summary.features = len(gdf)
     return gdf
+
+
+def _to_crs(geom: shapely.Geometry, src: Any, dst: Any) -> shapely.Geometry:
+    if src == dst:
+        return geom
+    return gpd.GeoSeries([geom], crs=src).to_crs(dst).iloc[0]

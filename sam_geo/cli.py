@@ -67,6 +67,13 @@ def common_segment_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--address", default=None, help="Ray cluster to join ('auto' or host:port); default: a local Ray."),
         click.option("--assume-crs", default=None, help="CRS for a scene that has none, e.g. EPSG:32645."),
         click.option("--summary", "summary_path", type=click.Path(dir_okay=False), help="Write the run summary as JSON here."),
+        click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+                     help="Keep finished tiles here; rerunning the same command resumes."),
+        click.option("--restart", is_flag=True, help="Discard what --work-dir holds and start over."),
+        click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
+                     help="Retries of a failed tile before it is recorded as failed."),
+        click.option("--max-failed-tiles", type=click.IntRange(0), default=0, show_default=True,
+                     help="Fail the run (exit 1, no output) if more tiles than this fail."),
         click.option("--config", type=click.Path(dir_okay=False), help="YAML preset (flags given here win)."),
         click.option("--progress/--no-progress", default=True, help="Progress bar on stderr."),
     ]
@@ -85,7 +92,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("scene", type=str)
+@click.argument("scenes", nargs=-1, required=True)
 @click.option("--prompts", required=True, help="Vector layer of prompts (Shapefile, GeoJSON, GPKG, GeoParquet).")
 @click.option("--prompts-layer", default=None, help="Layer name inside a multi-layer prompt file.")
 @click.option("--prompts-crs", default=None, help="CRS for a prompt layer that has none.")
@@ -95,7 +102,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @common_segment_options
 @click.pass_context
 def segment(ctx: click.Context, **kwargs: Any) -> None:
-    """Segment the object under each prompt of a vector layer, over a whole SCENE."""
+    """Segment the object under each prompt of a vector layer, over whole SCENES.
+
+    SCENES: paths or URLs rasterio can open, globs ("tiles/*.tif") or @list.txt files;
+    several scenes give one merged output with a `scene` column.
+    """
     _apply_config(ctx, "segment")
     params = dict(ctx.params)
     from .api import SegmentSettings, segment as run_segment
@@ -118,9 +129,11 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
         device=params["device"],
         assume_crs=params["assume_crs"],
     )
-    runtime = RuntimeOptions(workers=params["workers"], address=params["address"], progress=params["progress"])
+    runtime = RuntimeOptions(
+        workers=params["workers"], address=params["address"], progress=params["progress"], retries=params["retries"]
+    )
     gdf = run_segment(
-        params["scene"],
+        list(params["scenes"]),
         params["prompts"],
         output=output,
         overwrite=params["overwrite"],
@@ -131,6 +144,9 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
         settings=settings,
         runtime=runtime,
         summary_path=params["summary_path"],
+        work_dir=params["work_dir"],
+        restart=params["restart"],
+        max_failed_tiles=params["max_failed_tiles"],
     )
     _report(gdf.attrs["summary"])
 
@@ -140,14 +156,107 @@ def _report(summary: dict[str, Any]) -> None:
     p, t, s = summary["prompts"], summary["tiles"], summary["seconds"]
     lines = [
         f"wrote {summary['features']} polygons to {summary['output']} "
-        f"({t['processed']} tiles encoded, {s['total']:.1f} s)",
+        f"({t['processed']} tiles encoded, {t['resumed']} resumed, {t['failed']} failed, {s['total']:.1f} s)",
     ]
+    for failure in summary.get("failures", [])[:10]:
+        lines.append(f"  tile {failure['tile']} failed: {failure['error']}")
     for key, label in (("outside", "outside the scene"), ("on_nodata", "on nodata"),
                        ("invalid", "with unusable geometry"), ("empty", "with an empty mask")):
         if p.get(key):
             ids = ", ".join(map(str, p[f"{key}_ids"][:10])) + (" ..." if p[key] > 10 else "")
             lines.append(f"  {p[key]} prompts {label}: {ids}")
     click.echo("\n".join(lines), err=True)
+
+
+@cli.command("evaluate")
+@click.argument("pred", type=str)
+@click.argument("gt", type=str)
+@click.option("--iou", type=float, default=0.5, show_default=True, help="Minimum IoU of a match, in (0, 1].")
+@click.option("--aoi", default=None, help="Polygon layer; only polygons whose representative point is inside count.")
+@click.option("--key", default=None, help="Attribute shared by PRED and GT (e.g. osm_id): adds per-object IoU.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def evaluate_command(pred: str, gt: str, iou: float, aoi: str | None, key: str | None, as_json: bool) -> None:
+    """Score predicted polygons PRED against ground truth GT: precision, recall, F1.
+
+    Polygons are matched one-to-one (greedy, highest IoU first) at IoU >= --iou, after
+    reprojecting both layers to GT's projected CRS (or its UTM zone).
+    """
+    from .evaluate import evaluate
+
+    result = evaluate(pred, gt, iou=iou, aoi=aoi, key=key)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(_evaluation_table(result, pred, gt))
+
+
+def _evaluation_table(result: Any, pred: str, gt: str) -> str:
+    """Human-readable summary of an EvaluationResult."""
+    r = result
+    lines = [
+        f"predictions   {r.n_pred:>8,}  {pred}",
+        f"ground truth  {r.n_gt:>8,}  {gt}",
+        f"matched at IoU >= {r.iou_threshold:g} in {r.crs}",
+        "",
+        f"  precision  {r.precision:6.3f}   TP {r.tp:,} / {r.n_pred:,} predictions",
+        f"  recall     {r.recall:6.3f}   TP {r.tp:,} / {r.n_gt:,} ground truth",
+        f"  F1         {r.f1:6.3f}   FP {r.fp:,}  FN {r.fn:,}  mean IoU of matches {r.mean_matched_iou:.3f}",
+    ]
+    if r.n_pred_dropped or r.n_gt_dropped:
+        lines.append(f"  dropped (empty or no area): {r.n_pred_dropped:,} predictions, {r.n_gt_dropped:,} ground truth")
+    if r.n_pred_outside_aoi or r.n_gt_outside_aoi:
+        lines.append(f"  outside the AOI: {r.n_pred_outside_aoi:,} predictions, {r.n_gt_outside_aoi:,} ground truth")
+    o = r.per_object
+    if o is not None:
+        lines += [
+            "",
+            f"per-object IoU by {o.key!r}: {o.n_objects:,} objects, {o.n_missing:,} without prediction (IoU 0), "
+            f"{o.n_extra:,} prediction keys not in ground truth",
+            f"  median {o.median:.3f}  mean {o.mean:.3f}  IoU>=0.5 {o.share_ge_50:.1%}  IoU>=0.75 {o.share_ge_75:.1%}",
+        ]
+    return "\n".join(lines)
+
+
+def _parse_window(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        window = tuple(int(v) for v in value.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"expected col_off,row_off,width,height in pixels, got {value!r}") from exc
+    if len(window) != 4 or window[2] <= 0 or window[3] <= 0:
+        raise click.BadParameter(f"expected 4 integers col_off,row_off,width,height (width, height > 0), got {value!r}")
+    return window
+
+
+@cli.command("show")
+@click.argument("scene", type=str)
+@click.argument("layer", type=str, required=False)
+@click.option("-o", "--output", default="quicklook.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Quicklook image: .png, .jpg or .jpeg.")
+@click.option("--size", type=int, default=1200, show_default=True, help="Longer side of the image, pixels.")
+@click.option("--window", callback=_parse_window, help="Part of the scene: col_off,row_off,width,height in pixels.")
+@click.option("--bands", callback=_parse_bands, help="1-based bands shown as R,G,B, e.g. 4,3,2.")
+@click.option("--stretch", type=click.Choice(["auto", "none", "percentile"]), default="auto", show_default=True,
+              help="Contrast stretch, as in segment.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write an interactive map (scene embedded, LAYER with popups) here.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+def show_command(scene: str, layer: str | None, output: str, size: int, window: tuple[int, ...] | None,
+                 bands: tuple[int, ...] | None, stretch: str, html_path: str | None, overwrite: bool) -> None:
+    """Render SCENE with the outlines of LAYER (optional) to a PNG quicklook, and a map."""
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+    from .show import html_map, quicklook
+
+    for path in (output, html_path):  # fail before writing either file
+        if path and Path(path).exists() and not overwrite:
+            raise OutputExistsError(f"output {path!r} already exists; pass --overwrite to replace it")
+    options = {"window": window, "size": size, "bands": bands, "stretch": stretch, "overwrite": overwrite}
+    click.echo(f"wrote {quicklook(scene, layer, output, **options)}", err=True)
+    if html_path:
+        click.echo(f"wrote {html_map(scene, layer, html_path, **options)}", err=True)
 
 
 @cli.command()

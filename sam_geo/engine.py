@@ -14,6 +14,8 @@ tile size.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from affine import Affine
 
-from .models import build_sam
+from .models import build_sam, get_spec
 from .prompts import PromptBatch
 from .raster import SceneInfo, Stretch, WindowRead, read_window
 from .tiles import Tile
@@ -67,8 +69,18 @@ class TileTask:
     tile: Tile
     prompts: PromptBatch
 
+    @property
+    def key(self) -> str:
+        return task_key(self.scene, self.tile)
+
     def execute(self, segmenter: TileSegmenter) -> TileResult:
         return segmenter.run_prompted(self)
+
+
+def task_key(scene: SceneInfo, tile: Tile) -> str:
+    """Stable id of a tile of a scene: ``<8 hex of the scene path's sha1>-<tile key>``."""
+    digest = hashlib.sha1(scene.path.encode("utf-8")).hexdigest()[:8]
+    return f"{digest}-{tile.key}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,9 @@ class TileResult:
     skipped_nodata: bool = False
     encoded: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    """Why the tile failed after all retries (None: it did not fail)."""
+    attempts: int = 0
 
 
 @contextmanager
@@ -108,75 +123,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class TileSegmenter:
-    """Holds one model; segments the prompts of tiles handed to :meth:`run`."""
+class SamBackend:
+    """Model steps of SAM-family models built on ``segment_anything.modeling.Sam``
+    (SAM ViT-B/L/H and MobileSAM): encode a tile once, decode prompt batches.
 
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.device = torch.device(resolve_device(config.device))
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.model = build_sam(config.model, Path(config.weights), device=str(self.device))
-        self.image_size: int = self.model.image_encoder.img_size
-        self._datasets: dict[str, rasterio.DatasetReader] = {}
-        default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
-        self.batch_size = config.batch_size or default_batch
+    Any backend offers the same four members (see ``sam_geo/sam2_backend.py`` for SAM 2.1):
+    ``image_size``; ``encode(rgb) -> (embedding, input_hw)``; ``decode(embedding,
+    input_hw, tile_hw, prompts) -> (low-res logits (n, h, w), scores (n,))``; and
+    ``logits_frame(tile_hw, input_hw) -> (fy, fx)``: the fraction of the logits grid
+    one tile pixel spans along rows and columns.
+    """
 
-    # -- datasets ------------------------------------------------------------------
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.image_size: int = model.image_encoder.img_size
 
-    def _dataset(self, path: str) -> rasterio.DatasetReader:
-        src = self._datasets.get(path)
-        if src is None or src.closed:
-            src = rasterio.open(path)
-            self._datasets[path] = src
-        return src
-
-    def close(self) -> None:
-        for src in self._datasets.values():
-            src.close()
-        self._datasets.clear()
-
-    # -- one tile ------------------------------------------------------------------
-
-    def run(self, task: TileTask) -> TileResult:
-        """Run any task type: each task knows which segmenter method serves it."""
-        return task.execute(self)
-
-    def read(self, scene: SceneInfo, stretch: Stretch, tile: Tile) -> WindowRead:
-        """The tile's pixels as model-ready RGB plus its validity mask."""
-        out_shape = tile.shape if tile.scale != 1 else None
-        return read_window(self._dataset(scene.path), scene, stretch, tile.read_window, out_shape)
-
-    def run_prompted(self, task: TileTask) -> TileResult:
-        """Read, encode and decode one tile; polygons come back in the scene CRS."""
-        result = TileResult(tile_key=task.tile.key)
-        seconds = result.seconds
-        tile = task.tile
-        with timed(seconds, "read"):
-            window = self.read(task.scene, task.stretch, tile)
-        if not window.valid.any():
-            result.skipped_nodata = True
-            result.on_nodata = [int(i) for i in task.prompts.index]
-            return result
-        prompts = _to_tile_pixels(task.prompts, tile)
-        usable = _prompts_on_data(prompts, window.valid)
-        result.on_nodata = [int(i) for i in prompts.index[~usable]]
-        prompts = prompts.take(np.flatnonzero(usable))
-        if len(prompts) == 0:
-            return result
-        with timed(seconds, "encode"):
-            embedding, input_hw = self.encode(window.rgb)
-        result.encoded = True
-        for part in _decode_batches(prompts, self.batch_size):
-            with timed(seconds, "decode"):
-                logits, scores = self.decode(embedding, input_hw, window.rgb.shape[:2], part)
-            with timed(seconds, "vectorize"):
-                result.results.extend(
-                    self._vectorize(part, logits, scores, window.valid, tile, input_hw, window.rgb.shape[:2])
-                )
-        return result
-
-    # -- model steps ---------------------------------------------------------------
+    def logits_frame(self, tile_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[float, float]:
+        """SAM resizes the longer side to ``image_size`` and pads: one scale for both axes."""
+        ratio = input_hw[0] / tile_hw[0] / self.image_size
+        return ratio, ratio
 
     @torch.inference_mode()
     def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -233,6 +199,105 @@ class TileSegmenter:
         rows = torch.arange(len(best), device=device)
         return low_res[rows, best], iou[rows, best].float().cpu().numpy()
 
+
+def build_backend(name: str, weights: Path | None, device: torch.device) -> SamBackend:
+    """The model backend for a registry name (``models.MODELS``), weights loaded."""
+    spec = get_spec(name)
+    if spec.family == "sam2":
+        from .sam2_backend import Sam2Backend
+
+        return Sam2Backend(name, weights, device)
+    return SamBackend(build_sam(name, weights, device=str(device)), device)
+
+
+class TileSegmenter:
+    """Holds one model; segments the prompts of tiles handed to :meth:`run`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(resolve_device(config.device))
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.backend = build_backend(config.model, Path(config.weights), self.device)
+        self._local = threading.local()  # dataset handles are per thread
+        self._all_datasets: list[rasterio.DatasetReader] = []
+        self._model_lock = threading.Lock()  # one model call at a time per actor
+        default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
+        self.batch_size = config.batch_size or default_batch
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backend.model
+
+    @property
+    def image_size(self) -> int:
+        return self.backend.image_size
+
+    def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        return self.backend.encode(rgb)
+
+    def decode(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.backend.decode(*args, **kwargs)
+
+    # -- datasets ------------------------------------------------------------------
+
+    def _dataset(self, path: str) -> rasterio.DatasetReader:
+        """This thread's open handle on ``path`` (GDAL handles are not thread-safe)."""
+        datasets: dict[str, rasterio.DatasetReader] = self._local.__dict__.setdefault("datasets", {})
+        src = datasets.get(path)
+        if src is None or src.closed:
+            src = rasterio.open(path)
+            datasets[path] = src
+            self._all_datasets.append(src)
+        return src
+
+    def close(self) -> None:
+        for src in self._all_datasets:
+            src.close()
+        self._all_datasets.clear()
+
+    # -- one tile ------------------------------------------------------------------
+
+    def run(self, task: TileTask) -> TileResult:
+        """Run any task type: each task knows which segmenter method serves it."""
+        return task.execute(self)
+
+    def read(self, scene: SceneInfo, stretch: Stretch, tile: Tile) -> WindowRead:
+        """The tile's pixels as model-ready RGB plus its validity mask."""
+        out_shape = tile.shape if tile.scale != 1 else None
+        return read_window(self._dataset(scene.path), scene, stretch, tile.read_window, out_shape)
+
+    def run_prompted(self, task: TileTask) -> TileResult:
+        """Read, encode and decode one tile; polygons come back in the scene CRS."""
+        result = TileResult(tile_key=task.key)
+        seconds = result.seconds
+        tile = task.tile
+        with timed(seconds, "read"):
+            window = self.read(task.scene, task.stretch, tile)
+        if not window.valid.any():
+            result.skipped_nodata = True
+            result.on_nodata = [int(i) for i in task.prompts.index]
+            return result
+        prompts = _to_tile_pixels(task.prompts, tile)
+        usable = _prompts_on_data(prompts, window.valid)
+        result.on_nodata = [int(i) for i in prompts.index[~usable]]
+        prompts = prompts.take(np.flatnonzero(usable))
+        if len(prompts) == 0:
+            return result
+        # The model lock is held per model call, so another task of this actor can read
+        # or vectorize meanwhile, and only one batch of logits is alive at a time.
+        with self._model_lock, timed(seconds, "encode"):
+            embedding, input_hw = self.backend.encode(window.rgb)
+        result.encoded = True
+        for part in _decode_batches(prompts, self.batch_size):
+            with self._model_lock, timed(seconds, "decode"):
+                logits, scores = self.backend.decode(embedding, input_hw, window.rgb.shape[:2], part)
+            with timed(seconds, "vectorize"):
+                result.results.extend(
+                    self._vectorize(part, logits, scores, window.valid, tile, input_hw, window.rgb.shape[:2])
+                )
+        return result
+
     def _vectorize(
         self,
         prompts: PromptBatch,
@@ -246,7 +311,7 @@ class TileSegmenter:
         out: list[PromptResult] = []
         for k in range(len(prompts)):
             r0, c0, r1, c1 = _crop_for_prompt(prompts, k, tile_hw)
-            mask = _upsample_crop(logits[k], (r0, c0, r1, c1), input_hw, tile_hw, self.image_size)
+            mask = upsample_crop(logits[k], (r0, c0, r1, c1), self.backend.logits_frame(tile_hw, input_hw))
             mask &= valid[r0:r1, c0:c1]
             geom = mask_to_geometry(
                 mask,
@@ -325,27 +390,22 @@ def _crop_for_prompt(batch: PromptBatch, k: int, tile_hw: tuple[int, int]) -> tu
     return r0, c0, max(r1, r0 + 1), max(c1, c0 + 1)
 
 
-def _upsample_crop(
-    logits: torch.Tensor,
-    crop: tuple[int, int, int, int],
-    input_hw: tuple[int, int],
-    tile_hw: tuple[int, int],
-    image_size: int,
+def upsample_crop(
+    logits: torch.Tensor, crop: tuple[int, int, int, int], frame: tuple[float, float]
 ) -> np.ndarray:
-    """Threshold SAM's low-res logits, bilinearly sampled at the crop's pixel centres.
+    """Threshold low-res mask logits, bilinearly sampled at the crop's pixel centres.
 
-    ``logits`` (256, 256) cover the padded ``image_size`` square model input; tile pixel
-    (row, col) sits at input position ``(row + 0.5) * ratio`` with ``ratio = input /
-    tile size``. Returns a (rows, cols) bool array for the crop.
+    ``logits`` (h, w) cover the model's input frame; tile pixel (row, col) sits at
+    fraction ``((row + 0.5) * fy, (col + 0.5) * fx)`` of it (``frame = (fy, fx)``, from
+    the backend's ``logits_frame``). Same sampling as SAM's ``postprocess_masks``
+    (bilinear, ``align_corners=False``) but only over the crop ``(row0, col0, row1,
+    col1)``. Returns a (rows, cols) bool array.
     """
     r0, c0, r1, c1 = crop
-    ratio = input_hw[0] / tile_hw[0]
-    low = logits.shape[-1]
-    to_norm = 2.0 * ratio / image_size  # tile px -> normalised [-1, 1] over the input square
-    ys = (torch.arange(r0, r1, device=logits.device, dtype=torch.float32) + 0.5) * to_norm - 1.0
-    xs = (torch.arange(c0, c1, device=logits.device, dtype=torch.float32) + 0.5) * to_norm - 1.0
+    fy, fx = frame
+    ys = (torch.arange(r0, r1, device=logits.device, dtype=torch.float32) + 0.5) * (2.0 * fy) - 1.0
+    xs = (torch.arange(c0, c1, device=logits.device, dtype=torch.float32) + 0.5) * (2.0 * fx) - 1.0
     grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
-    sampled = F.grid_sample(
-        logits.float().reshape(1, 1, low, low), grid, mode="bilinear", align_corners=False
-    )
+    h, w = logits.shape[-2:]
+    sampled = F.grid_sample(logits.float().reshape(1, 1, h, w), grid, mode="bilinear", align_corners=False)
     return (sampled[0, 0] > 0.0).cpu().numpy()

@@ -201,7 +201,9 @@ def build_prompts(
 ) -> PromptSet:
     """Turn a prompt layer into pixel prompts for a scene of ``scene_shape`` (rows, cols).
 
-    The layer is reprojected to ``scene_crs``; geometries are cleaned
+    ``prompt_index`` is the frame's index when it is named so (a subset of a larger
+    layer keeps its row numbers), else the row position. The layer is reprojected to
+    ``scene_crs``; geometries are cleaned
     (:func:`clean_geometries`) and mapped to scene pixels with the inverse of
     ``scene_transform`` (rotated transforms included: boxes are taken in pixel space).
     Prompts whose geometry does not intersect the scene are reported in
@@ -210,9 +212,11 @@ def build_prompts(
     if prompt_as not in PROMPT_MODES:
         raise PromptError(f"unknown prompt mode {prompt_as!r}; use one of {', '.join(PROMPT_MODES)}")
     frame = to_scene_crs(frame, scene_crs).copy()
-    frame.index = pd.RangeIndex(len(frame), name="prompt_index")
+    if frame.index.name != "prompt_index":
+        frame.index = pd.RangeIndex(len(frame), name="prompt_index")
+    labels = frame.index.to_numpy()
     cleaned = clean_geometries(frame.geometry)
-    invalid = np.flatnonzero(cleaned.isna().to_numpy())
+    invalid = labels[np.flatnonzero(cleaned.isna().to_numpy())]
 
     inverse = ~scene_transform
     usable = np.flatnonzero(cleaned.notna().to_numpy())
@@ -223,8 +227,8 @@ def build_prompts(
     rows, cols = scene_shape
     scene_box = shapely.box(0, 0, cols, rows)
     inside = shapely.intersects(pixel_geoms, scene_box)
-    outside = usable[~inside]
-    keep = usable[inside]
+    outside = labels[usable[~inside]]
+    keep = labels[usable[inside]]
     pixel_geoms = pixel_geoms[inside]
 
     batch = _make_batch(keep, pixel_geoms, prompt_as, cols, rows)

@@ -2,13 +2,25 @@
 
 Each actor builds one model when it starts (on its GPU when the cluster has GPUs:
 ``num_gpus=1`` per actor, one actor per GPU by default; on CPU otherwise) and opens the
-scenes it is asked to read. Tasks are :class:`~sam_geo.engine.TileTask` descriptors
-(path, window, prompts), never pixels; results are polygons as WKB.
+scenes it is asked to read. Tasks are descriptors (scene path, tile, prompts), never
+pixels; results are polygons as WKB.
+
+Keeping the model busy: every actor is a threaded actor with two tasks in flight
+(``TASKS_PER_ACTOR``); :class:`~sam_geo.engine.TileSegmenter` serialises model calls
+with a lock, so one task's window read and vectorization overlap the other's encoder and
+decoder work.
+
+Fault tolerance, in two layers:
+
+* Ray restarts a crashed actor (the model reloads) and retries the tasks it held
+  (``max_restarts`` / ``max_task_retries`` = :data:`MAX_RESTARTS`);
+* the scheduling loop here replaces an actor that is gone for good (killed, or out of
+  restarts) and resubmits its tasks, and retries a task that raised up to
+  ``RuntimeOptions.retries`` times; a tile that keeps failing comes back as a
+  :class:`~sam_geo.engine.TileResult` with ``error`` set, and the job goes on.
 
 Ray is started embedded on the local machine unless ``address`` names a cluster
 (``"auto"`` joins the cluster this machine belongs to, as started by ``ray start``).
-Actors restart after a crash (the model reloads) and a task that died with its actor is
-retried, up to :data:`MAX_RESTARTS` times.
 """
 
 from __future__ import annotations
@@ -16,15 +28,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from .engine import EngineConfig, TileResult, TileSegmenter, TileTask
+from .engine import EngineConfig, TileResult, TileSegmenter
+
+log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
-"""How often an actor is restarted and a task retried after a crash."""
+"""How often Ray restarts an actor, and retries the tasks it held, after a crash."""
+
+TASKS_PER_ACTOR = 2
+"""Tasks in flight per actor: one using the model, one reading or vectorizing."""
 
 
 @dataclass(frozen=True)
@@ -33,12 +53,16 @@ class RuntimeOptions:
 
     ``workers``: number of model actors (None: one per GPU, or 1 on CPU; 0: no Ray, run
     in this process, for debugging); ``address``: Ray cluster address or None for an
-    embedded local Ray; ``progress``: show a progress bar over tiles on stderr.
+    embedded local Ray; ``progress``: a progress bar over tiles on stderr; ``retries``:
+    how often a failed tile is tried again; ``on_result``: called on the driver with
+    each result once it is stored (a hook for tests and notebooks).
     """
 
     workers: int | None = None
     address: str | None = None
     progress: bool = True
+    retries: int = 2
+    on_result: Callable[[TileResult], None] | None = None
 
 
 class RunTimer:
@@ -52,35 +76,56 @@ class RunTimer:
 
 
 def run_tiles(
-    tasks: list[TileTask],
+    tasks: list[Any],
     config: EngineConfig,
     options: RuntimeOptions,
     timer: RunTimer,
 ) -> Iterator[TileResult]:
-    """Run ``tasks`` and yield their results as they finish (in no particular order)."""
+    """Run ``tasks`` and yield one result per task as they finish (in no order).
+
+    A task that failed ``options.retries + 1`` times yields a result with ``error``.
+    """
     if not tasks:
         return
-    if options.workers == 0:
-        yield from _run_in_process(tasks, config, options, timer)
-    else:
-        yield from _run_on_ray(tasks, config, options, timer)
+    runner = _run_in_process if options.workers == 0 else _run_on_ray
+    with _progress(len(tasks), options.progress) as bar:
+        for result in runner(tasks, config, options, timer):
+            bar.update(1)
+            yield result
 
 
 def _progress(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, unit="tile", desc="segmenting", disable=not enabled or None, leave=False)
 
 
+def _failed(task: Any, reason: str, attempts: int) -> TileResult:
+    return TileResult(tile_key=task.key, error=reason, attempts=attempts)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the original
+    return f"{type(cause).__name__}: {cause}"
+
+
 def _run_in_process(
-    tasks: list[TileTask], config: EngineConfig, options: RuntimeOptions, timer: RunTimer
+    tasks: list[Any], config: EngineConfig, options: RuntimeOptions, timer: RunTimer
 ) -> Iterator[TileResult]:
     start = time.perf_counter()
     segmenter = TileSegmenter(config)
     timer.add("startup", time.perf_counter() - start)
     try:
-        with _progress(len(tasks), options.progress) as bar:
-            for task in tasks:
-                yield segmenter.run(task)
-                bar.update(1)
+        for task in tasks:
+            for attempt in range(1, options.retries + 2):
+                try:
+                    result = segmenter.run(task)
+                except Exception as exc:  # any failure of one tile is recorded, not fatal
+                    log.warning("tile %s failed (attempt %d): %s", task.key, attempt, _reason(exc))
+                    if attempt > options.retries:
+                        yield _failed(task, _reason(exc), attempt)
+                else:
+                    result.attempts = attempt
+                    yield result
+                    break
     finally:
         segmenter.close()
 
@@ -91,11 +136,11 @@ def ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, object] = {
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded Ray: no token noise
+    kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.WARNING,
         "log_to_driver": True,
-        "configure_logging": True,
     }
     if address:
         ray.init(address=address, **kwargs)
@@ -103,10 +148,10 @@ def ensure_ray(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
 
 
-def _actor_class():  # built lazily so importing sam_geo does not import ray
+def _actor_class() -> Any:  # built lazily so importing sam_geo does not import ray
     import ray
 
-    @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+    @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, max_concurrency=TASKS_PER_ACTOR)
     class SamActor:
         """A Ray actor holding one :class:`TileSegmenter` (one model)."""
 
@@ -116,41 +161,98 @@ def _actor_class():  # built lazily so importing sam_geo does not import ray
         def ready(self) -> bool:
             return True
 
-        def run(self, task: TileTask) -> TileResult:
+        def run(self, task: Any) -> TileResult:
             return self.segmenter.run(task)
 
     return SamActor
 
 
+class _ActorFleet:
+    """Model actors, replaced when one is gone for good."""
+
+    def __init__(self, workers: int, config: EngineConfig, gpus: int, cpus: int) -> None:
+        if gpus:
+            self.options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+            self.config = config
+        else:
+            threads = config.threads or max(1, cpus // workers)
+            self.options = {"num_cpus": 1}
+            self.config = EngineConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
+        self.run_id = uuid.uuid4().hex[:8]
+        self.actors = [self._new(i) for i in range(workers)]
+
+    def _new(self, slot: int) -> Any:
+        name = f"sam-geo-{self.run_id}-{slot}-{uuid.uuid4().hex[:4]}"
+        return _actor_class().options(name=name, **self.options).remote(self.config)
+
+    def wait_ready(self) -> None:
+        import ray
+
+        ray.get([actor.ready.remote() for actor in self.actors])
+
+    def replace(self, slot: int, dead: Any) -> None:
+        """Start a new actor in ``slot`` unless that was done already for ``dead``."""
+        if self.actors[slot] is dead:
+            log.warning("model actor %d died; starting a new one", slot)
+            self.actors[slot] = self._new(slot)
+
+    def kill_all(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
 def _run_on_ray(
-    tasks: list[TileTask], config: EngineConfig, options: RuntimeOptions, timer: RunTimer
+    tasks: list[Any], config: EngineConfig, options: RuntimeOptions, timer: RunTimer
 ) -> Iterator[TileResult]:
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     start = time.perf_counter()
     ensure_ray(options.address)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = options.workers or max(gpus, 1)
-    workers = min(workers, len(tasks))
-    if gpus:
-        actor_options = {"num_gpus": 1, "num_cpus": 1}
-        actor_config = config
-    else:
-        threads = config.threads or max(1, cpus // workers)
-        actor_options = {"num_cpus": 1}
-        actor_config = EngineConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
-    actors = [_actor_class().options(**actor_options).remote(actor_config) for _ in range(workers)]
-    ray.get([a.ready.remote() for a in actors])
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    workers = min(options.workers or max(gpus, 1), len(tasks))
+    fleet = _ActorFleet(workers, config, gpus, cpus)
+    fleet.wait_ready()
     timer.add("startup", time.perf_counter() - start)
-    pool = ActorPool(actors)
-    try:
-        with _progress(len(tasks), options.progress) as bar:
-            for result in pool.map_unordered(lambda actor, task: actor.run.remote(task), tasks):
-                bar.update(1)
-                yield result
-    finally:
-        for actor in actors:
-            ray.kill(actor)
 
+    pending: deque[tuple[int, Any]] = deque(enumerate(tasks))
+    attempts = [0] * len(tasks)
+    in_flight: dict[Any, tuple[int, Any, int]] = {}  # ref -> (slot, actor, task index)
+
+    def submit(slot: int) -> None:
+        while pending and sum(1 for s, _, _ in in_flight.values() if s == slot) < TASKS_PER_ACTOR:
+            index, task = pending.popleft()
+            attempts[index] += 1
+            actor = fleet.actors[slot]
+            in_flight[actor.run.remote(task)] = (slot, actor, index)
+
+    try:
+        for slot in range(workers):
+            submit(slot)
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            slot, actor, index = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                fleet.replace(slot, actor)
+                if attempts[index] > options.retries:
+                    yield _failed(tasks[index], f"worker died: {_reason(exc)}", attempts[index])
+                else:
+                    pending.appendleft((index, tasks[index]))
+            except Exception as exc:  # the task raised: retry, then record
+                log.warning("tile %s failed (attempt %d): %s", tasks[index].key, attempts[index], _reason(exc))
+                if attempts[index] > options.retries:
+                    yield _failed(tasks[index], _reason(exc), attempts[index])
+                else:
+                    pending.append((index, tasks[index]))
+            else:
+                result.attempts = attempts[index]
+                yield result
+            for s in range(workers):
+                submit(s)
+    finally:
+        fleet.kill_all()

@@ -60,6 +60,8 @@ class RunSummary:
     settings: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     features: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    """Tiles that failed after all retries: ``{"tile", "error", "attempts"}``."""
 
     def add_seconds(self, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

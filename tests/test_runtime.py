@@ -1,0 +1,179 @@
+"""Production runtime: resume, fault tolerance, failing tiles, several scenes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from rasterio.windows import Window
+
+from conftest import BANEPA, make_raster
+from sam_geo import segment
+from sam_geo.api import expand_scenes
+from sam_geo.errors import ConfigError, RasterError, RunError
+from sam_geo.runtime import RuntimeOptions
+
+TILING = {"tile_size": 256, "overlap": 32}
+
+
+def write_crop(window: Window, dest: Path) -> Path:
+    with rasterio.open(BANEPA / "banepa_utm45n.tif") as src:
+        data = src.read(window=window)
+        transform, crs = src.window_transform(window), src.crs.to_string()
+    return Path(make_raster(dest, data, crs=crs, transform=transform, nodata=0, tiled=True))
+
+
+def prompts_inside(scene: Path) -> gpd.GeoDataFrame:
+    truth = gpd.read_file(BANEPA / "buildings_utm45n.geojson")
+    with rasterio.open(scene) as src:
+        box = shapely.box(*src.bounds)
+    return truth[truth.within(box)].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 x 600 px of Banepa: 9 tiles of 256 px with the settings above."""
+    return write_crop(Window(1500, 2000, 600, 600), tmp_path_factory.mktemp("rt") / "scene.tif")
+
+
+@pytest.fixture(scope="module")
+def clean_run(scene: Path) -> gpd.GeoDataFrame:
+    return segment(scene, prompts_inside(scene), runtime=RuntimeOptions(workers=0, progress=False), **TILING)
+
+
+def assert_same_output(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
+    a, b = a.sort_values("prompt_index"), b.sort_values("prompt_index")
+    assert list(a.prompt_index) == list(b.prompt_index)
+    diff = shapely.area(shapely.symmetric_difference(a.geometry.to_numpy(), b.geometry.to_numpy()))
+    assert diff.max() < 1e-6
+    np.testing.assert_allclose(a.score.to_numpy(), b.score.to_numpy(), rtol=1e-5)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_killed_actor_is_replaced_and_the_output_is_unchanged(scene: Path, clean_run) -> None:
+    import ray
+
+    killed: list[str] = []
+
+    def kill_one_actor(result) -> None:
+        if killed:
+            return
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("sam-geo-")]
+        ray.kill(ray.get_actor(names[0]))
+        killed.append(names[0])
+
+    gdf = segment(
+        scene,
+        prompts_inside(scene),
+        runtime=RuntimeOptions(workers=2, progress=False, on_result=kill_one_actor),
+        **TILING,
+    )
+    assert killed
+    summary = gdf.attrs["summary"]
+    assert summary["tiles"]["failed"] == 0
+    assert summary["tiles"]["processed"] == summary["tiles"]["planned"]
+    assert_same_output(gdf, clean_run)
+
+
+def test_interrupted_run_resumes_only_the_remaining_tiles(scene: Path, clean_run, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def die_after_three(result) -> None:
+        seen.append(result.tile_key)
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # the driver dies mid-run
+
+    prompts = prompts_inside(scene)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        segment(scene, prompts, work_dir=work, runtime=RuntimeOptions(workers=0, on_result=die_after_three), **TILING)
+    assert len(list((work / "tiles").glob("*.pkl"))) == 3
+
+    summary_path = tmp_path / "summary.json"
+    gdf = segment(
+        scene, prompts, work_dir=work, runtime=RuntimeOptions(workers=0, progress=False),
+        summary_path=summary_path, **TILING,
+    )
+    tiles = json.loads(summary_path.read_text())["tiles"]
+    assert tiles["resumed"] == 3
+    assert tiles["processed"] == tiles["planned"] - 3
+    assert_same_output(gdf, clean_run)
+
+    # a finished work dir resumes everything and encodes nothing
+    again = segment(scene, prompts, work_dir=work, runtime=RuntimeOptions(workers=0, progress=False), **TILING)
+    assert again.attrs["summary"]["tiles"]["processed"] == 0
+    assert_same_output(again, clean_run)
+
+
+def test_work_dir_of_another_run_is_refused_unless_restart(scene: Path, tmp_path: Path) -> None:
+    prompts = prompts_inside(scene).iloc[:3]
+    work = tmp_path / "work"
+    options = RuntimeOptions(workers=0, progress=False)
+    segment(scene, prompts, work_dir=work, runtime=options, **TILING)
+    with pytest.raises(ConfigError, match="settings.*--restart"):
+        segment(scene, prompts, work_dir=work, runtime=options, tile_size=512, overlap=32)
+    gdf = segment(scene, prompts, work_dir=work, runtime=options, restart=True, tile_size=512, overlap=32)
+    assert gdf.attrs["summary"]["tiles"]["resumed"] == 0
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        segment(scene, prompts, work_dir=tmp_path / "busy", runtime=options, **TILING)
+
+
+def corrupt_block(path: Path, row: int, col: int) -> None:
+    """Overwrite the bytes of the GeoTIFF block holding pixel (row, col) with garbage."""
+    with rasterio.open(path) as src:
+        block_row, block_col = row // src.block_shapes[0][0], col // src.block_shapes[0][1]
+        offset = int(src.get_tag_item(f"BLOCK_OFFSET_{block_col}_{block_row}", "TIFF", bidx=1))
+        size = int(src.get_tag_item(f"BLOCK_SIZE_{block_col}_{block_row}", "TIFF", bidx=1))
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * size)
+
+
+def test_a_tile_that_keeps_failing_is_recorded_and_the_rest_finishes(scene: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tif"
+    shutil.copy(scene, broken)
+    corrupt_block(broken, 50, 50)  # top-left block only
+    prompts = prompts_inside(scene)
+    options = RuntimeOptions(workers=0, progress=False, retries=1)
+    output = tmp_path / "out.gpkg"
+    with pytest.raises(RunError, match="no output was written"):
+        segment(broken, prompts, output=output, runtime=options, **TILING)
+    assert not output.exists()
+
+    gdf = segment(broken, prompts, output=output, runtime=options, max_failed_tiles=20, **TILING)
+    summary = gdf.attrs["summary"]
+    assert 1 <= summary["tiles"]["failed"] < summary["tiles"]["planned"]
+    assert all("corrupt" in f["error"] and f["attempts"] == 2 for f in summary["failures"])
+    assert summary["tiles"]["processed"] == summary["tiles"]["planned"] - summary["tiles"]["failed"]
+    assert len(gpd.read_file(output)) == len(gdf) > 0
+
+
+def test_several_scenes_merge_into_one_output_with_a_scene_column(scene: Path, tmp_path: Path) -> None:
+    other = write_crop(Window(2100, 2000, 400, 300), tmp_path / "other.tif")
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"# two scenes\n{scene}\n{other}\n")
+    assert expand_scenes([f"@{listing}"]) == [str(scene), str(other)]
+    assert expand_scenes(str(tmp_path / "*.tif")) == [str(other)]
+    with pytest.raises(RasterError, match="no scene matches"):
+        expand_scenes(str(tmp_path / "nothing*.tif"))
+
+    prompts = gpd.GeoDataFrame(
+        gpd.pd.concat([prompts_inside(scene), prompts_inside(other)]).drop_duplicates("osm_id"), crs=scene_crs(scene)
+    )
+    gdf = segment([f"@{listing}"], prompts, runtime=RuntimeOptions(workers=0, progress=False), **TILING)
+    assert set(gdf.scene) == {str(scene), str(other)}
+    assert gdf.osm_id.is_unique and len(gdf) == len(prompts)
+    assert gdf.attrs["summary"]["prompts"]["outside"] == 0
+
+
+def scene_crs(path: Path) -> str:
+    with rasterio.open(path) as src:
+        return src.crs.to_string()
