@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ from .prompts import (
     PromptMode,
     PromptSet,
     TilePlan,
+    add_negative_points,
     build_prompts,
+    negative_points_in_pixels,
     plan_prompt_tiles,
     read_prompt_layer,
 )
@@ -66,6 +68,9 @@ class SegmentSettings:
     min_area_m2: float = DEFAULT_MIN_AREA_M2
     simplify_m: float | None = None
     batch_size: int | None = None
+    multimask: bool = False
+    """Three candidate masks per prompt, the one closest in area to the prompt polygon
+    kept (highest predicted IoU for points); off: one mask per box prompt."""
     device: str = "auto"
     assume_crs: str | None = None
 
@@ -98,6 +103,7 @@ def segment(
     work_dir: str | os.PathLike[str] | None = None,
     restart: bool = False,
     max_failed_tiles: int = 0,
+    negative_points: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
     **setting_overrides: Any,
 ) -> gpd.GeoDataFrame:
     """Segment the objects a vector layer points at, over one or several whole scenes.
@@ -118,6 +124,9 @@ def segment(
     each finished tile so a rerun resumes (see :mod:`sam_geo.workdir`); tiles that keep
     failing are recorded and the rest finishes, but more than ``max_failed_tiles``
     failures raise :class:`~sam_geo.errors.RunError` and write no output.
+
+    ``negative_points``: a point layer (any CRS); each point is added as a negative
+    point to every prompt near it (:func:`~sam_geo.prompts.add_negative_points`).
 
     ``output`` (``.geojson``, ``.gpkg``, ``.parquet``) is written atomically and never
     overwritten unless ``overwrite``. Keyword arguments not listed are fields of
@@ -144,13 +153,15 @@ def segment(
             f"id column {id_column!r} is not in the prompt layer; its columns are: "
             + ", ".join(map(str, frame.columns.drop(frame.geometry.name)))
         )
-    jobs, outside, invalid = _plan_scenes(infos, frame, settings, prompt_as)
+    negatives = read_prompt_layer(negative_points) if negative_points is not None else None
+    jobs, outside, invalid = _plan_scenes(infos, frame, settings, prompt_as, negatives)
 
     config = EngineConfig(
         model=settings.model,
         weights=str(weights.path),
         device=settings.device,
         batch_size=settings.batch_size,
+        multimask=settings.multimask,
         min_area=_min_area_in_crs_units(infos[0], settings.min_area_m2),
         simplify=_metres_in_crs_units(infos[0], settings.simplify_m),
     )
@@ -167,6 +178,7 @@ def segment(
         "prompt_as": prompt_as,
         "workers": runtime.workers,
     }
+    summary.settings["negative_points"] = None if negatives is None else _geometry_digest(negatives)
     tasks = [TileTask(job.scene, job.stretch, tile, batch) for job in jobs for tile, batch in job.plan.tiles]
     summary.tiles.planned = len(tasks)
     store = _open_work_dir(work_dir, restart, summary, infos, frame, prompt_as) if work_dir else None
@@ -235,7 +247,11 @@ def expand_scenes(scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[st
 
 
 def _plan_scenes(
-    infos: list[SceneInfo], frame: gpd.GeoDataFrame, settings: SegmentSettings, prompt_as: PromptMode
+    infos: list[SceneInfo],
+    frame: gpd.GeoDataFrame,
+    settings: SegmentSettings,
+    prompt_as: PromptMode,
+    negatives: gpd.GeoDataFrame | None = None,
 ) -> tuple[list[SceneJob], tuple[int, ...], tuple[int, ...]]:
     """Give each prompt to the first scene it intersects; plan each scene's tiles."""
     jobs: list[SceneJob] = []
@@ -248,6 +264,9 @@ def _plan_scenes(
         remaining = remaining.loc[list(prompt_set.outside)]
         if len(prompt_set.batch) == 0:
             continue
+        if negatives is not None:
+            negative_xy = negative_points_in_pixels(negatives, info.crs, info.transform)
+            prompt_set = replace(prompt_set, batch=add_negative_points(prompt_set.batch, negative_xy))
         zoom = settings.zoom or choose_zoom(prompt_set.batch)
         grid = TileGrid(info.height, info.width, info.transform, settings.tile_size, settings.overlap, zoom)
         stretch = compute_stretch(info, method=settings.stretch)
@@ -263,12 +282,7 @@ def _open_work_dir(
     frame: gpd.GeoDataFrame,
     prompt_as: str,
 ) -> WorkDir:
-    wkb = shapely.to_wkb(frame.geometry.to_numpy(), hex=False)
-    prompts_digest = digest(
-        b"".join(g if g is not None else b"-" for g in wkb),
-        str(frame.crs).encode(),
-        ",".join(map(str, frame.columns)).encode(),
-    )
+    prompts_digest = _geometry_digest(frame)
     fingerprint = {
         "sam_geo": __version__,
         "mode": summary.mode,
@@ -280,6 +294,16 @@ def _open_work_dir(
         "prompt_as": prompt_as,
     }
     return WorkDir(path, fingerprint, restart=restart)
+
+
+def _geometry_digest(frame: gpd.GeoDataFrame) -> str:
+    """sha256 over a layer's geometries (WKB), CRS and column names."""
+    wkb = shapely.to_wkb(frame.geometry.to_numpy(), hex=False)
+    return digest(
+        b"".join(g if g is not None else b"-" for g in wkb),
+        str(frame.crs).encode(),
+        ",".join(map(str, frame.columns)).encode(),
+    )
 
 
 def run_with_work_dir(

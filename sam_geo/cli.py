@@ -96,8 +96,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--prompts", required=True, help="Vector layer of prompts (Shapefile, GeoJSON, GPKG, GeoParquet).")
 @click.option("--prompts-layer", default=None, help="Layer name inside a multi-layer prompt file.")
 @click.option("--prompts-crs", default=None, help="CRS for a prompt layer that has none.")
-@click.option("--prompt-as", type=click.Choice(["auto", "point", "box", "box+point"]), default="auto", show_default=True,
-              help="How features become prompts (auto: points as points, polygons as boxes).")
+@click.option("--prompt-as", type=click.Choice(["auto", "point", "box", "box+point", "mask"]), default="auto",
+              show_default=True,
+              help="How features become prompts (auto: points as points, polygons as boxes; mask: box + the polygon "
+                   "as SAM's mask input, to refine outdated outlines).")
+@click.option("--negative-points", default=None,
+              help="Point layer of negative points; each joins every prompt whose box it lies near.")
+@click.option("--multimask/--no-multimask", default=False, show_default=True,
+              help="Three candidate masks per prompt; keep the one closest in area to the prompt polygon.")
 @click.option("--id-column", default=None, help="Prompt attribute used to name prompts in the summary.")
 @common_segment_options
 @click.pass_context
@@ -126,6 +132,7 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
         min_area_m2=params["min_area"],
         simplify_m=params["simplify"],
         batch_size=params["batch_size"],
+        multimask=params["multimask"],
         device=params["device"],
         assume_crs=params["assume_crs"],
     )
@@ -147,6 +154,7 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
         work_dir=params["work_dir"],
         restart=params["restart"],
         max_failed_tiles=params["max_failed_tiles"],
+        negative_points=params["negative_points"],
     )
     _report(gdf.attrs["summary"])
 

@@ -39,6 +39,8 @@ class SegmentSection(_Section):
     overlap: int | None = Field(default=None, ge=0)
     zoom: Literal["auto", "1", "2", "4", 1, 2, 4] | None = None
     prompt_as: str | None = None
+    multimask: bool | None = None
+    negative_points: str | None = None
     id_column: str | None = None
     min_area: float | None = Field(default=None, ge=0)
     simplify: float | None = Field(default=None, ge=0)

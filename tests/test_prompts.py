@@ -161,3 +161,28 @@ def test_every_prompt_is_planned_in_a_tile_holding_its_whole_extent() -> None:
             assert shapely.box(r.col_start, r.row_start, r.col_stop, r.row_stop).contains(clipped)
     big = [t for t, b in plan.tiles if t.scale > 1]
     assert len(big) == 1 and big[0].shape == (512, 512)
+
+
+def test_mask_mode_keeps_the_polygon_in_pixels_and_its_box() -> None:
+    poly = pixel_box(100, 200, 140, 260)
+    prompts = build_prompts(frame([poly]), SCENE_CRS, SCENE_TRANSFORM, SCENE_SHAPE, prompt_as="mask")
+    batch = prompts.batch
+    assert batch.has_mask.all() and batch.has_box.all()
+    pixel_poly = shapely.from_wkb(batch.masks[0])
+    np.testing.assert_allclose(pixel_poly.bounds, [100, 200, 140, 260])
+    assert batch.areas[0] == pytest.approx(40 * 60)
+
+
+def test_negative_points_join_only_nearby_prompts() -> None:
+    from sam_geo.prompts import MAX_NEGATIVE_POINTS, add_negative_points
+
+    layer = frame([pixel_box(100, 100, 200, 200), pixel_box(1000, 1000, 1100, 1100), Point(scene_xy(500, 500))])
+    batch = build_prompts(layer, SCENE_CRS, SCENE_TRANSFORM, SCENE_SHAPE).batch
+    negatives = np.array([[210.0, 150.0], [150.0, 90.0], [700.0, 700.0], [505.0, 505.0]] + [[110.0 + i, 110.0] for i in range(10)])
+    out = add_negative_points(batch, negatives)
+    first = out.points[0][out.labels[0] == 0]
+    assert len(first) == MAX_NEGATIVE_POINTS  # the nearest 8 of 12 candidates
+    assert (out.labels[1] == 0).sum() == 0  # nothing near the second box
+    point_prompt = out.labels[2]
+    assert (point_prompt == 1).sum() == 1 and (point_prompt == 0).sum() == 1
+    np.testing.assert_allclose(out.points[2][point_prompt == 0][0], [505, 505])
