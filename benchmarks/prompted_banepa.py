@@ -4,6 +4,10 @@ Prints per-building IoU figures against ``buildings_utm45n.geojson`` (a building
 output counts as 0) and the run summary's stage seconds.
 
     python benchmarks/prompted_banepa.py [--prompt-as box|box+point|point] [--workers N]
+
+Also prints the same figures, plus SpaceNet-style F1 (``sam_geo.evaluate``), for the
+outlines after ``regularize_buildings`` at 0.5 and 1.0 m tolerance, so ``--regularize``
+can be judged on the same SAM output.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 
 from _common import BANEPA, WEIGHTS, per_object_iou
 from sam_geo import segment
+from sam_geo.evaluate import evaluate
+from sam_geo.regularize import regularize_buildings
 from sam_geo.runtime import RuntimeOptions
 
 
@@ -47,6 +53,18 @@ def main() -> None:
     print(f"wall {wall:.1f} s; per prompt {1000 * summary['seconds']['decode'] / summary['prompts']['used']:.1f} ms decode")
     print(json.dumps({k: summary[k] for k in ("tiles", "seconds")}))
     print(json.dumps({k: v for k, v in summary["prompts"].items() if not k.endswith("_ids")}))
+    report("raw", gdf, truth)
+    for tolerance in (0.5, 1.0):
+        start = time.perf_counter()
+        regular = regularize_buildings(gdf, tolerance_m=tolerance)
+        report(f"regularized {tolerance} m ({time.perf_counter() - start:.1f} s)", regular, truth)
+
+
+def report(label: str, gdf: gpd.GeoDataFrame, truth: gpd.GeoDataFrame) -> None:
+    ious = per_object_iou(gdf, truth, "osm_id")
+    scores = evaluate(gdf, truth)
+    print(f"{label}: median IoU {np.median(ious):.4f}  share>=0.5 {(ious >= 0.5).mean():.4f}  "
+          f"F1 {scores.f1:.4f} (P {scores.precision:.4f}, R {scores.recall:.4f})")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class SegmentSettings:
     min_area_m2: float = DEFAULT_MIN_AREA_M2
     simplify_m: float | None = None
     batch_size: int | None = None
+    regularize_m: float | None = None
+    """Regularize building outlines (right angles, straight edges) with this simplify
+    tolerance in metres (:func:`sam_geo.regularize.regularize_buildings`); None: off."""
     multimask: bool = False
     """Three candidate masks per prompt, the one closest in area to the prompt polygon
     kept (highest predicted IoU for points); off: one mask per box prompt."""
@@ -77,6 +80,8 @@ class SegmentSettings:
     def validate(self) -> None:
         if self.min_area_m2 < 0 or not math.isfinite(self.min_area_m2):
             raise ConfigError(f"min area must be a finite number of square metres >= 0, got {self.min_area_m2}")
+        if self.regularize_m is not None and not (0 < self.regularize_m <= 50):
+            raise ConfigError(f"regularize tolerance must be between 0 and 50 m, got {self.regularize_m}")
         if self.simplify_m is not None and not (0 <= self.simplify_m < 1000):
             raise ConfigError(f"simplify tolerance must be between 0 and 1000 m, got {self.simplify_m}")
         if self.batch_size is not None and not (1 <= self.batch_size <= 4096):
@@ -185,6 +190,8 @@ def segment(
     results = run_with_work_dir(tasks, config, runtime, store, summary)
 
     gdf = _assemble(frame, jobs, results, summary, id_column, outside, invalid)
+    if settings.regularize_m is not None and len(gdf):
+        gdf = _regularize(gdf, settings.regularize_m, summary)
     failed = [r for r in results if r.error]
     if len(failed) > max_failed_tiles:
         summary.seconds["total"] = time.perf_counter() - t_total
@@ -451,6 +458,19 @@ def _assemble(
     gdf["area_m2"] = geometry_area_m2(gdf.geometry, out_crs) if len(gdf) else np.zeros(0)
     summary.features = len(gdf)
     return gdf
+
+
+def _regularize(gdf: gpd.GeoDataFrame, tolerance_m: float, summary: RunSummary) -> gpd.GeoDataFrame:
+    """Regularized outlines, areas recomputed; counts go to ``summary.regularize``."""
+    from .regularize import regularize_buildings
+
+    start = time.perf_counter()
+    out = regularize_buildings(gdf, tolerance_m=tolerance_m)
+    out["area_m2"] = geometry_area_m2(out.geometry, out.crs)
+    summary.regularize = {k: v for k, v in out.attrs.get("regularize", {}).items() if not k.endswith("_index")}
+    summary.add_seconds({"regularize": time.perf_counter() - start})
+    summary.features = len(out)
+    return out
 
 
 def _to_crs(geom: shapely.Geometry, src: Any, dst: Any) -> shapely.Geometry:

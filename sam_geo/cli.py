@@ -61,6 +61,9 @@ def common_segment_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Model pixels per scene pixel; auto upsamples when prompted objects are small."),
         click.option("--min-area", type=float, default=0.5, show_default=True, help="Drop polygon parts and holes below this, m^2."),
         click.option("--simplify", type=float, default=None, help="Simplify outlines with this tolerance in metres."),
+        click.option("--regularize", "regularize", type=float, default=None, is_flag=False, flag_value=0.5,
+                     help="Regularize building outlines (right angles, straight edges); optional tolerance in "
+                          "metres, 0.5 when given without a value."),
         click.option("--batch-size", type=int, default=None, help="Prompts per mask-decoder call (default: 64 on GPU, 4 on CPU)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--workers", type=int, default=None, help="Model actors (default: one per GPU, else 1; 0: no Ray)."),
@@ -131,6 +134,7 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
         zoom=None if params["zoom"] in (None, "auto") else int(params["zoom"]),
         min_area_m2=params["min_area"],
         simplify_m=params["simplify"],
+        regularize_m=params["regularize"],
         batch_size=params["batch_size"],
         multimask=params["multimask"],
         device=params["device"],

@@ -5,8 +5,9 @@ Keys use the option names with ``_`` for ``-`` (``tile_size`` for ``--tile-size`
 unknown key is an error naming it, so a misspelt key never passes silently::
 
     # configs/buildings.yaml
+    model:
+      name: mobile_sam
     segment:
-      model: mobile_sam
       tile_size: 1024
       overlap: 128
       min_area: 2.0
@@ -44,16 +45,27 @@ class SegmentSection(_Section):
     id_column: str | None = None
     min_area: float | None = Field(default=None, ge=0)
     simplify: float | None = Field(default=None, ge=0)
+    regularize: float | None = Field(default=None, gt=0, le=50)
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     device: str | None = None
     workers: int | None = Field(default=None, ge=0)
     address: str | None = None
 
 
+class ModelSection(_Section):
+    """Which model runs and how; applies to every command (a command's own keys win)."""
+
+    name: str | None = None
+    weights: str | None = None
+    device: str | None = None
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+
+
 class ConfigFile(_Section):
-    """A whole preset file: one section per command."""
+    """A whole preset file: a ``model`` section and one section per command."""
 
     description: str | None = None
+    model: ModelSection = ModelSection()
     segment: SegmentSection = SegmentSection()
 
 
@@ -86,8 +98,15 @@ def _describe(exc: ValidationError) -> str:
 
 
 def section_values(config: ConfigFile, command: str) -> dict[str, Any]:
-    """The keys a preset sets for ``command`` (unset keys left out)."""
+    """The keys a preset sets for ``command`` (unset keys left out).
+
+    The ``model`` section's keys come first (``name`` becomes ``model``); the
+    command's own section overrides them.
+    """
+    values = config.model.model_dump(exclude_none=True)
+    if "name" in values:
+        values["model"] = values.pop("name")
     section = getattr(config, command, None)
-    if section is None:
-        return {}
-    return section.model_dump(exclude_none=True)
+    if section is not None:
+        values.update(section.model_dump(exclude_none=True))
+    return values

@@ -723,6 +723,11 @@ def _describe(loaded: object) -> str:
             k for k in ("model", "state_dict", "model_state") if isinstance(loaded.get(k), Mapping)
         ]
         if nested:
+            from .sam2_backend import guess_sam2_model  # here: sam2_backend imports this module
+
+            sam2_name = guess_sam2_model(loaded)
+            if sam2_name is not None:
+                return f"it is a SAM 2.1 checkpoint; pass --model {sam2_name}."
             return (
                 f"it looks like a training checkpoint with the weights under {nested[0]!r}; "
                 f"save that entry alone (torch.save(ckpt[{nested[0]!r}], 'weights.pth')) "

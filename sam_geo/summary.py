@@ -60,6 +60,7 @@ class RunSummary:
     settings: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
     features: int = 0
+    regularize: dict[str, Any] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     """Tiles that failed after all retries: ``{"tile", "error", "attempts"}``."""
 
