@@ -73,11 +73,11 @@ def main() -> None:
         print(f"outdated outlines themselves: median IoU {np.median(base):.3f}  mean {base.mean():.3f}")
         options = RuntimeOptions(workers=0, progress=False)
         results = {}
-        for mode in ("box", "box+point", "mask"):
-            gdf = segment(scene, outdated, prompt_as=mode, weights=str(WEIGHTS), runtime=options)
+        for mode, grow in (("box", None), ("box+point", None), ("box+point", 0.25), ("mask", None)):
+            gdf = segment(scene, outdated, prompt_as=mode, box_grow=grow, weights=str(WEIGHTS), runtime=options)
             ious = per_object_iou(gdf, truth, "osm_id")
-            results[mode] = ious
-            print(f"SAM {mode:9s}: median IoU {np.median(ious):.3f}  mean {ious.mean():.3f}  "
+            results[mode if grow is None else f"{mode} grow {grow}"] = ious
+            print(f"SAM {mode:9s} box_grow={grow}: median IoU {np.median(ious):.3f}  mean {ious.mean():.3f}  "
                   f"({np.median(ious) - np.median(base):+.3f} vs outdated)")
         negatives = negative_points(truth)
         gdf = segment(scene, outdated, prompt_as="box", negative_points=negatives, weights=str(WEIGHTS), runtime=options)

@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "segment": "sam_geo.api",
+    "segment_auto": "sam_geo.auto",
+    "AutoParams": "sam_geo.auto",
     "SegmentSettings": "sam_geo.api",
     "RuntimeOptions": "sam_geo.runtime",
     "TileGrid": "sam_geo.tiles",

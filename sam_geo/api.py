@@ -35,6 +35,7 @@ from .prompts import (
     add_negative_points,
     build_prompts,
     negative_points_in_pixels,
+    no_usable_prompts,
     plan_prompt_tiles,
     read_prompt_layer,
 )
@@ -71,6 +72,9 @@ class SegmentSettings:
     regularize_m: float | None = None
     """Regularize building outlines (right angles, straight edges) with this simplify
     tolerance in metres (:func:`sam_geo.regularize.regularize_buildings`); None: off."""
+    box_grow: float | None = None
+    """Grow box prompts by this fraction of their longer side (None: 0.25 for ``mask``
+    prompts, else 0): for outdated outlines that are shifted or too small."""
     multimask: bool = False
     """Three candidate masks per prompt, the one closest in area to the prompt polygon
     kept (highest predicted IoU for points); off: one mask per box prompt."""
@@ -80,6 +84,8 @@ class SegmentSettings:
     def validate(self) -> None:
         if self.min_area_m2 < 0 or not math.isfinite(self.min_area_m2):
             raise ConfigError(f"min area must be a finite number of square metres >= 0, got {self.min_area_m2}")
+        if self.box_grow is not None and not (0 <= self.box_grow <= 2):
+            raise ConfigError(f"box grow must be a fraction between 0 and 2 of the box side, got {self.box_grow}")
         if self.regularize_m is not None and not (0 < self.regularize_m <= 50):
             raise ConfigError(f"regularize tolerance must be between 0 and 50 m, got {self.regularize_m}")
         if self.simplify_m is not None and not (0 <= self.simplify_m < 1000):
@@ -144,7 +150,14 @@ def segment(
         raise ConfigError(f"unknown prompt mode {prompt_as!r}; use one of {', '.join(PROMPT_MODES)}")
     if max_failed_tiles < 0:
         raise ConfigError(f"max failed tiles must be >= 0, got {max_failed_tiles}")
-    output_path = check_output_path(output, overwrite=overwrite) if output is not None else None
+    if runtime.workers is not None and runtime.workers < 0:
+        raise ConfigError(f"--workers must be 0 (in this process, no Ray) or more model actors, got {runtime.workers}")
+    if runtime.retries < 0:
+        raise ConfigError(f"--retries must be >= 0, got {runtime.retries}")
+    others = {"the prompt layer": prompts, "the negative-point layer": negative_points, "the summary": summary_path}
+    scene_args = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    others.update({f"scene {k + 1}": s for k, s in enumerate(scene_args)})
+    output_path = check_output_path(output, overwrite=overwrite, others=others) if output is not None else None
     if summary_path is not None:
         _check_summary_path(Path(summary_path), overwrite)
 
@@ -160,6 +173,9 @@ def segment(
         )
     negatives = read_prompt_layer(negative_points) if negative_points is not None else None
     jobs, outside, invalid = _plan_scenes(infos, frame, settings, prompt_as, negatives)
+    if not jobs:  # nothing to segment: almost always a CRS or extent mistake
+        source = "the prompt GeoDataFrame" if isinstance(prompts, gpd.GeoDataFrame) else str(prompts)
+        raise no_usable_prompts(source, frame, [(i.path, i.crs, tuple(i.bounds)) for i in infos], outside, invalid)
 
     config = EngineConfig(
         model=settings.model,
@@ -265,7 +281,10 @@ def _plan_scenes(
     remaining = frame
     invalid: tuple[int, ...] = ()
     for n, info in enumerate(infos):
-        prompt_set = build_prompts(remaining, info.crs, info.transform, (info.height, info.width), prompt_as=prompt_as)
+        prompt_set = build_prompts(
+            remaining, info.crs, info.transform, (info.height, info.width), prompt_as=prompt_as,
+            box_grow=settings.box_grow,
+        )
         if n == 0:
             invalid = prompt_set.invalid
         remaining = remaining.loc[list(prompt_set.outside)]

@@ -101,10 +101,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--prompts-crs", default=None, help="CRS for a prompt layer that has none.")
 @click.option("--prompt-as", type=click.Choice(["auto", "point", "box", "box+point", "mask"]), default="auto",
               show_default=True,
-              help="How features become prompts (auto: points as points, polygons as boxes; mask: box + the polygon "
-                   "as SAM's mask input, to refine outdated outlines).")
+              help="How features become prompts (auto: points as points, polygons as boxes; mask: to refine outdated "
+                   "outlines, the box grown 25%, a point and the polygon as SAM's mask input).")
 @click.option("--negative-points", default=None,
               help="Point layer of negative points; each joins every prompt whose box it lies near.")
+@click.option("--box-grow", type=float, default=None,
+              help="Grow box prompts by this fraction of their longer side (default 0; 0.25 with --prompt-as mask).")
 @click.option("--multimask/--no-multimask", default=False, show_default=True,
               help="Three candidate masks per prompt; keep the one closest in area to the prompt polygon.")
 @click.option("--id-column", default=None, help="Prompt attribute used to name prompts in the summary.")
@@ -118,28 +120,13 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
     """
     _apply_config(ctx, "segment")
     params = dict(ctx.params)
-    from .api import SegmentSettings, segment as run_segment
+    from .api import segment as run_segment
     from .runtime import RuntimeOptions
 
     output = params["output"]
     if output is None:
         raise click.UsageError("give an output file with -o/--output (.geojson, .gpkg or .parquet)")
-    settings = SegmentSettings(
-        model=params["model"],
-        weights=params["weights"],
-        bands=params["bands"],
-        stretch=params["stretch"],
-        tile_size=params["tile_size"],
-        overlap=params["overlap"],
-        zoom=None if params["zoom"] in (None, "auto") else int(params["zoom"]),
-        min_area_m2=params["min_area"],
-        simplify_m=params["simplify"],
-        regularize_m=params["regularize"],
-        batch_size=params["batch_size"],
-        multimask=params["multimask"],
-        device=params["device"],
-        assume_crs=params["assume_crs"],
-    )
+    settings = _settings_from(params)
     runtime = RuntimeOptions(
         workers=params["workers"], address=params["address"], progress=params["progress"], retries=params["retries"]
     )
@@ -163,6 +150,79 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
     _report(gdf.attrs["summary"])
 
 
+@cli.command()
+@click.argument("scene", type=str)
+@click.option("--points-per-side", type=click.IntRange(1, 256), default=32, show_default=True,
+              help="Prompt grid per tile: N x N points, one every tile-size / N pixels.")
+@click.option("--pred-iou-thresh", type=click.FloatRange(0, 1, max_open=True), default=0.88, show_default=True,
+              help="Keep masks whose predicted IoU is above this.")
+@click.option("--stability-thresh", type=click.FloatRange(0, 1, max_open=True), default=0.95, show_default=True,
+              help="Keep masks whose stability score is at least this.")
+@click.option("--max-area", type=click.FloatRange(0, min_open=True), default=None,
+              help="Drop objects larger than this, m^2 (after stitching; --min-area drops smaller ones).")
+@click.option("--labels-raster", type=click.Path(dir_okay=False), default=None,
+              help="Also write an instance-label GeoTIFF: uint32, 0 = no object, else the object_id.")
+@common_segment_options
+@click.pass_context
+def auto(ctx: click.Context, **kwargs: Any) -> None:
+    """Segment every object in SCENE automatically (no prompts): one polygon per object.
+
+    Each tile is prompted with a grid of points; objects cut by tile edges are stitched
+    across tiles, so the result does not depend on --tile-size and --overlap. Rows
+    carry object_id, score, stability, area_m2 and n_tiles.
+    """
+    _apply_config(ctx, "auto")
+    params = dict(ctx.params)
+    from .auto import AutoParams, segment_auto
+    from .runtime import RuntimeOptions
+
+    if params["output"] is None:
+        raise click.UsageError("give an output file with -o/--output (.geojson, .gpkg or .parquet)")
+    extra = {k: params[k] for k in ("box_nms_thresh", "match_iou", "max_tile_fraction") if params.get(k) is not None}
+    auto_params = AutoParams(
+        points_per_side=params["points_per_side"],
+        pred_iou_thresh=params["pred_iou_thresh"],
+        stability_score_thresh=params["stability_thresh"],
+        min_area_m2=params["min_area"],
+        max_area_m2=params["max_area"],
+        points_per_batch=params["batch_size"],
+        **extra,
+    )
+    gdf = segment_auto(
+        params["scene"],
+        output=params["output"],
+        overwrite=params["overwrite"],
+        params=auto_params,
+        settings=_settings_from(params),
+        runtime=RuntimeOptions(workers=params["workers"], address=params["address"], progress=params["progress"],
+                               retries=params["retries"]),
+        summary_path=params["summary_path"],
+        labels_raster=params["labels_raster"],
+        work_dir=params["work_dir"],
+        restart=params["restart"],
+        max_failed_tiles=params["max_failed_tiles"],
+    )
+    _report_auto(gdf.attrs["summary"])
+
+
+def _report_auto(summary: dict[str, Any]) -> None:
+    """One short paragraph on stderr for `auto`: what was written, how tiles were joined."""
+    t, s, o = summary["tiles"], summary["seconds"], summary["objects"]
+    lines = [
+        f"wrote {summary['features']} objects to {summary['output']} "
+        f"({t['processed']} tiles encoded, {t['skipped_nodata']} all nodata, {t['resumed']} resumed, "
+        f"{t['failed']} failed, {s['total']:.1f} s)",
+        f"  stitched {o.get('pieces', 0)} tile masks: {o.get('joins', 0)} joined across tiles, "
+        f"{o.get('mosaics', 0)} objects assembled from pieces, {o.get('disowned', 0) + o.get('duplicates_suppressed', 0)} "
+        f"dropped as fragments or duplicates, {o.get('outside_area_range', 0)} outside the area range",
+    ]
+    if o.get("labels_raster"):
+        lines.append(f"  labels raster: {o['labels_raster']}")
+    for failure in summary.get("failures", [])[:10]:
+        lines.append(f"  tile {failure['tile']} failed: {failure['error']}")
+    click.echo("\n".join(lines), err=True)
+
+
 def _report(summary: dict[str, Any]) -> None:
     """One short paragraph on stderr: what was written and what was not used."""
     p, t, s = summary["prompts"], summary["tiles"], summary["seconds"]
@@ -177,7 +237,74 @@ def _report(summary: dict[str, Any]) -> None:
         if p.get(key):
             ids = ", ".join(map(str, p[f"{key}_ids"][:10])) + (" ..." if p[key] > 10 else "")
             lines.append(f"  {p[key]} prompts {label}: {ids}")
+    if summary["features"] == 0:
+        lines.append(f"  warning: no polygons were produced from the {p['total']} prompts; the output is an "
+                     "empty layer (see the reasons above)")
     click.echo("\n".join(lines), err=True)
+
+
+@cli.command()
+@click.argument("scene", type=str)
+@click.argument("phrases", nargs=-1, required=True)
+@click.option("--detector", default="google/owlv2-base-patch16-ensemble", show_default=True,
+              help="Grounding detector: Hugging Face name (OWLv2 or Grounding DINO) or a local save_pretrained folder.")
+@click.option("--box-threshold", type=click.FloatRange(0, 1), default=None, help="Detector score threshold.")
+@click.option("--text-threshold", type=click.FloatRange(0, 1), default=None, help="Grounding DINO text threshold.")
+@common_segment_options
+@click.pass_context
+def text(ctx: click.Context, **kwargs: Any) -> None:
+    """Outline every object matching PHRASES (e.g. "swimming pool") over a whole SCENE.
+
+    A grounding detector finds boxes per tile; SAM segments each box. Output rows carry
+    the phrase, the detector's score, SAM's score and the area.
+    """
+    _apply_config(ctx, "text")
+    params = dict(ctx.params)
+    from .grounded import segment_text
+    from .runtime import RuntimeOptions
+
+    if params["output"] is None:
+        raise click.UsageError("give an output file with -o/--output (.geojson, .gpkg or .parquet)")
+    gdf = segment_text(
+        params["scene"],
+        list(params["phrases"]),
+        detector=params["detector"],
+        box_threshold=params["box_threshold"],
+        text_threshold=params["text_threshold"],
+        output=params["output"],
+        overwrite=params["overwrite"],
+        settings=_settings_from(params),
+        runtime=RuntimeOptions(workers=params["workers"], address=params["address"], progress=params["progress"],
+                               retries=params["retries"]),
+        summary_path=params["summary_path"],
+        work_dir=params["work_dir"],
+        restart=params["restart"],
+        max_failed_tiles=params["max_failed_tiles"],
+    )
+    _report(gdf.attrs["summary"])
+
+
+def _settings_from(params: dict[str, Any]) -> Any:
+    """SegmentSettings from the common options."""
+    from .api import SegmentSettings
+
+    return SegmentSettings(
+        model=params["model"],
+        weights=params["weights"],
+        bands=params["bands"],
+        stretch=params["stretch"],
+        tile_size=params["tile_size"],
+        overlap=params["overlap"],
+        zoom=None if params["zoom"] in (None, "auto") else int(params["zoom"]),
+        min_area_m2=params["min_area"],
+        simplify_m=params["simplify"],
+        regularize_m=params["regularize"],
+        batch_size=params["batch_size"],
+        multimask=params.get("multimask", False),
+        box_grow=params.get("box_grow"),
+        device=params["device"],
+        assume_crs=params["assume_crs"],
+    )
 
 
 @cli.command("evaluate")
@@ -282,9 +409,10 @@ def models(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({name: asdict(spec) for name, spec in MODELS.items()}, indent=2))
         return
+    width = max(map(len, MODELS))
     for name, spec in MODELS.items():
         size = f"{spec.size_bytes / 1e6:,.0f} MB" if spec.size_bytes else "?"
-        click.echo(f"{name:<12} {size:>9}  {spec.licence:<12} {spec.url}")
+        click.echo(f"{name:<{width}} {size:>9}  {spec.licence:<12} {spec.url}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     try:
         cli.main(args=args, prog_name="sam-geo", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("sam-geo: interrupted; no output was written", err=True)
+            return 130
         click.echo("sam-geo: aborted", err=True)
         return EXIT_FAILED
     except click.ClickException as exc:

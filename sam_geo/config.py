@@ -41,6 +41,7 @@ class SegmentSection(_Section):
     zoom: Literal["auto", "1", "2", "4", 1, 2, 4] | None = None
     prompt_as: str | None = None
     multimask: bool | None = None
+    box_grow: float | None = Field(default=None, ge=0, le=2)
     negative_points: str | None = None
     id_column: str | None = None
     min_area: float | None = Field(default=None, ge=0)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -58,6 +59,8 @@ class EngineConfig:
     threads: int | None = None
     multimask: bool = False
     """Ask SAM for three masks for every prompt (not only single points); see choose_masks."""
+    detector: str | None = None
+    """Text detector name or folder (``sam-geo text``), loaded on first use."""
     min_area: float = 0.0
     """Smallest polygon part kept, in square CRS units of the scene."""
     simplify: float | None = None
@@ -235,6 +238,7 @@ class TileSegmenter:
         self._local = threading.local()  # dataset handles are per thread
         self._all_datasets: list[rasterio.DatasetReader] = []
         self._model_lock = threading.Lock()  # one model call at a time per actor
+        self._detector: Any = None
         default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
         self.batch_size = config.batch_size or default_batch
 
@@ -245,6 +249,21 @@ class TileSegmenter:
     @property
     def image_size(self) -> int:
         return self.backend.image_size
+
+    def detector(self) -> Any:
+        """The text detector of ``config.detector``, loaded once per actor on first use."""
+        if self._detector is None:
+            from .text import TextDetector
+
+            if self.config.detector is None:
+                raise ValueError("this segmenter was built without a text detector")
+            self._detector = TextDetector.from_pretrained(self.config.detector, device=self.device)
+        return self._detector
+
+    @property
+    def model_lock(self) -> threading.Lock:
+        """Held around each model call, so tasks sharing this actor take turns on it."""
+        return self._model_lock
 
     def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         return self.backend.encode(rgb)
@@ -337,9 +356,10 @@ class TileSegmenter:
         return out
 
 
-MASK_PROMPT_LOGIT = 8.0
-"""Logit magnitude of a rasterized mask prompt (inside +, outside -), like a confident
-previous SAM prediction."""
+MASK_PROMPT_LOGIT = 1.0
+"""Logit magnitude of a rasterized mask prompt (inside +, outside -). A weak hint: on
+outdated Banepa outlines (48 buildings, grown box + point + mask) median IoU was 0.734
+at 1, 0.715 at 2, 0.687 at 8 and 0.663 at 20; a strong mask pins SAM to the old shape."""
 
 
 def mask_prompt_logits(masks: np.ndarray, frame: tuple[float, float], size: int = 256) -> np.ndarray:

@@ -10,8 +10,9 @@ How a geometry becomes a prompt (``prompt_as``):
 * ``"point"``: one positive point (a polygon's point on surface);
 * ``"box"``: the geometry's bounding box in scene pixels;
 * ``"box+point"``: the box plus a positive point on the surface;
-* ``"mask"``: the box plus the polygon itself as SAM's low-resolution mask input, for
-  refining outdated outlines to what the image shows now;
+* ``"mask"``: for refining outdated outlines to what the image shows now: the box grown
+  by :data:`MASK_BOX_GROW` of its longer side, a point on the surface and the polygon
+  itself as SAM's low-resolution mask input;
 * ``"auto"`` (default): points -> point prompts, polygons -> :data:`DEFAULT_POLYGON_MODE`.
 
 Negative points from a separate layer (:func:`add_negative_points`) join every prompt
@@ -41,6 +42,10 @@ from .tiles import PixelBox, Tile, TileGrid
 
 PromptMode = Literal["auto", "point", "box", "box+point", "mask"]
 PROMPT_MODES: tuple[str, ...] = ("auto", "point", "box", "box+point", "mask")
+
+MASK_BOX_GROW = 0.25
+"""How much ``mask`` prompts grow their box (fraction of its longer side): outdated
+outlines are shifted and shrunk, so their own box cuts the object (benchmarks/refine_outdated.py)."""
 
 NEGATIVE_MARGIN_FRACTION = 0.25
 """Negative points apply to a prompt when within its box grown by this fraction of its side."""
@@ -231,6 +236,7 @@ def build_prompts(
     scene_shape: tuple[int, int],
     *,
     prompt_as: PromptMode = "auto",
+    box_grow: float | None = None,
 ) -> PromptSet:
     """Turn a prompt layer into pixel prompts for a scene of ``scene_shape`` (rows, cols).
 
@@ -264,13 +270,64 @@ def build_prompts(
     keep = labels[usable[inside]]
     pixel_geoms = pixel_geoms[inside]
 
-    batch = _make_batch(keep, pixel_geoms, prompt_as, cols, rows)
+    grow = (MASK_BOX_GROW if prompt_as == "mask" else 0.0) if box_grow is None else box_grow
+    batch = _make_batch(keep, pixel_geoms, prompt_as, cols, rows, grow)
     return PromptSet(
         frame=frame,
         batch=batch,
         outside=tuple(int(i) for i in outside),
         invalid=tuple(int(i) for i in invalid),
     )
+
+
+def no_usable_prompts(
+    source: str,
+    frame: gpd.GeoDataFrame,
+    scenes: list[tuple[str, object, tuple[float, float, float, float]]],
+    outside: tuple[int, ...],
+    invalid: tuple[int, ...],
+) -> PromptError:
+    """The error for a layer none of whose prompts can be used on the scene(s).
+
+    ``scenes``: ``(path, crs, (left, bottom, right, top))`` of each scene. Prompts that
+    all miss the scenes are almost always a CRS or extent mistake, so the message shows
+    the layer's extent and each scene's, each in its own CRS.
+    """
+    total = len(frame)
+    if not outside:
+        return PromptError(
+            f"none of the {total} prompts of {source} has a usable geometry (all are empty, "
+            "zero-area, lines or missing); give a layer of polygons or points"
+        )
+    usable = frame.geometry[frame.geometry.notna() & ~frame.geometry.is_empty]
+    x0, y0, x1, y1 = usable.total_bounds
+    where = "; ".join(f"{path} covers {_extent(b)} in {_crs_name(crs)}" for path, crs, b in scenes)
+    unusable = f" ({len(invalid)} more have unusable geometry)" if invalid else ""
+    target = "the scene" if len(scenes) == 1 else f"any of the {len(scenes)} scenes"
+    return PromptError(
+        f"none of the {total} prompts of {source} intersect {target}{unusable}: the prompts span "
+        f"{_extent((x0, y0, x1, y1))} in {_crs_name(frame.crs)}, while {where}. "
+        "Check the prompt layer's CRS (set the right one in the file, or pass --prompts-crs for a "
+        "layer without one) and that the layer covers the scene."
+    )
+
+
+def _extent(bounds: tuple[float, ...]) -> str:
+    """``x left..right, y bottom..top``: whole units for large (projected) values."""
+    def num(v: float) -> str:
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.6g}"
+
+    x0, y0, x1, y1 = bounds
+    return f"x {num(x0)}..{num(x1)}, y {num(y0)}..{num(y1)}"
+
+
+def _crs_name(crs: object) -> str:
+    try:
+        parsed = CRS.from_user_input(crs)
+    except Exception:  # any CRS-like object; the message must not fail
+        return str(crs)
+    authority = parsed.to_authority()
+    return f"{authority[0]}:{authority[1]}" if authority else parsed.name
 
 
 def _apply_affine(affine: Affine, xy: np.ndarray) -> np.ndarray:
@@ -280,7 +337,7 @@ def _apply_affine(affine: Affine, xy: np.ndarray) -> np.ndarray:
 
 
 def _make_batch(
-    index: np.ndarray, pixel_geoms: np.ndarray, prompt_as: PromptMode, width: int, height: int
+    index: np.ndarray, pixel_geoms: np.ndarray, prompt_as: PromptMode, width: int, height: int, grow: float = 0.0
 ) -> PromptBatch:
     n = len(index)
     is_point = np.isin(shapely.get_type_id(pixel_geoms), [0, 4]) if n else np.zeros(0, bool)
@@ -293,6 +350,9 @@ def _make_batch(
     surface = shapely.point_on_surface(pixel_geoms)
     surface_xy = shapely.get_coordinates(surface)
     bounds = shapely.bounds(pixel_geoms)
+    if grow:
+        margin = grow * np.maximum(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1])
+        bounds = bounds + np.column_stack([-margin, -margin, margin, margin])
     clipped = np.column_stack(
         [
             np.clip(bounds[:, 0], 0, width),
@@ -303,7 +363,7 @@ def _make_batch(
     )
     mode = np.where(is_point, "point", DEFAULT_POLYGON_MODE if prompt_as == "auto" else prompt_as)
     use_box = np.isin(mode, ["box", "box+point", "mask"]) & ~is_point
-    use_point = np.isin(mode, ["point", "box+point"]) | is_point
+    use_point = np.isin(mode, ["point", "box+point", "mask"]) | is_point
     use_mask = (mode == "mask") & ~is_point
     boxes[use_box] = clipped[use_box]
     points[use_point, 0, :] = surface_xy[use_point]

@@ -691,4 +691,4 @@ def _number(value: float) -> int | float:
 def _gdal_reason(exc: BaseException) -> str:
     """GDAL's own message for a failed read (rasterio chains it as the cause)."""
     cause = exc.__cause__ or exc.__context__
-    return str(cause) if cause is not None else str(exc)
+    return (str(cause) if cause is not None else str(exc)).rstrip(". ")  # callers add the period

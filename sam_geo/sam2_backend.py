@@ -16,8 +16,10 @@ package (Meta, Apache-2.0; ``pip install "sam-geo[sam2]"``). It reproduces what
   the prompt encoder as two corner points with labels 2 and 3 ahead of the points, as in
   ``SAM2ImagePredictor._predict``; the mask decoder runs once per batch with the image
   embedding repeated per prompt and the high-resolution features. Point-only prompts ask
-  for three masks and keep one (highest predicted IoU, or the engine's
-  ``choose_masks`` rule); low-res logits are clamped to [-32, 32] as the predictor does.
+  for three masks (all prompts with ``multimask``) and keep one by the engine's
+  ``choose_masks`` rule (closest in area to the prompt polygon, else highest predicted
+  IoU); mask prompts enter as the low-res mask input (``mask_prompt_logits``), as in
+  ``SamBackend``. Low-res logits are clamped to [-32, 32] as the predictor does.
 
 Models are built with ``sam2.build_sam.build_sam2`` from the hydra config named by the
 registry (``ModelSpec.arch``) with ``ckpt_path=None``, so the state dict is loaded here
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .engine import choose_masks, mask_prompt_logits
 from .errors import ConfigError, WeightsError, WeightsNotFoundError
 from .models import (
     ModelSpec,
@@ -313,12 +316,9 @@ class Sam2Backend:
             torch.as_tensor(np.concatenate(coords, axis=1), dtype=torch.float32, device=device),
             torch.as_tensor(np.concatenate(labels, axis=1), dtype=torch.int32, device=device),
         )
+        frame = self.logits_frame(tile_hw, input_hw)
         masks = None
-        has_mask = getattr(prompts, "has_mask", None)
-        if has_mask is not None and has_mask.any():
-            from .engine import mask_prompt_logits
-
-            frame = self.logits_frame(tile_hw, input_hw)
+        if prompts.has_mask.any():  # mask prompts: SAM's low-res mask input, as in SamBackend
             masks = torch.as_tensor(mask_prompt_logits(prompts.masks, frame), device=device)
         sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=masks)
         low_res, iou, _, _ = model.sam_mask_decoder(
@@ -331,21 +331,6 @@ class Sam2Backend:
             high_res_features=list(embedding.high_res_feats),
         )
         low_res = low_res.clamp(-LOGIT_CLAMP, LOGIT_CLAMP)
-        best = self._choose(low_res, iou, prompts, self.logits_frame(tile_hw, input_hw))
+        best = choose_masks(low_res, iou, prompts.areas, frame)
         rows = torch.arange(n, device=device)
         return low_res[rows, best], iou[rows, best].float().cpu().numpy()
-
-    @staticmethod
-    def _choose(
-        low_res: torch.Tensor, iou: torch.Tensor, prompts: PromptBatch, frame: tuple[float, float]
-    ) -> torch.Tensor:
-        """Index of the candidate kept per prompt: the engine's rule where it has one
-        (``choose_masks``: closest in area to the prompt polygon), else highest IoU."""
-        areas = getattr(prompts, "areas", None)
-        if low_res.shape[1] > 1 and areas is not None:
-            from . import engine
-
-            choose = getattr(engine, "choose_masks", None)
-            if choose is not None:
-                return choose(low_res, iou, areas, frame)
-        return iou.argmax(dim=1)

@@ -22,9 +22,13 @@ Per format:
 * **GeoPackage**: written in the layer's own CRS, layer name ``layer`` or the file stem,
   with an R-tree spatial index (table ``rtree_<layer>_<geometry column>``, the column
   being ``geom``). A layer has one geometry type, so a mix of Polygons and MultiPolygons
-  is written as MultiPolygons.
+  is written as MultiPolygons. SQLite column names are case-insensitive: of attributes
+  differing only in case the last keeps its name and the others get ``_2``, ``_3`` ...;
+  an attribute called ``fid`` or ``geom`` keeps its name and values, the FID and
+  geometry columns then being called ``fid_1`` and ``geometry``.
 * **GeoParquet**: GeoParquet 1.x metadata via :meth:`geopandas.GeoDataFrame.to_parquet`,
-  CRS (as PROJJSON), dtypes and index kept.
+  CRS (as PROJJSON), dtypes and index kept; ``object`` columns mixing value types
+  (numbers and text) are written as text, as Arrow needs one type per column.
 
 All text is UTF-8, so non-ASCII column names and values round-trip. In GeoJSON and
 GeoPackage a named or non-integer index becomes column(s) (as ``GeoDataFrame.to_file``
@@ -35,6 +39,7 @@ nullable booleans or integers; missing values are written as nulls.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
 from collections.abc import Callable
@@ -48,6 +53,8 @@ import pyogrio
 import shapely
 
 from sam_geo.errors import CRSError, OutputError, OutputExistsError, SamGeoError, WriteError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GEOJSON_DECIMALS", "SUPPORTED_SUFFIXES", "check_output_path", "write_vector"]
 
@@ -70,16 +77,25 @@ _SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm")
 # --- path checks ------------------------------------------------------------------------
 
 
-def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def check_output_path(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    others: dict[str, Any] | None = None,
+) -> Path:
     """Validate an output path before any work is done; return it as a :class:`Path`.
 
     Checks that the suffix names a supported format, that the parent directory exists
     (it is never created silently) and is a writable directory, that the path is not a
-    directory, and that it does not exist yet unless ``overwrite`` is true.
+    directory, that it does not exist yet unless ``overwrite`` is true, and that it is
+    none of the ``others`` (even with ``overwrite``: ``-o prompts.gpkg --overwrite``
+    would replace the prompt layer with the results).
 
     Args:
         path: output file path; ``~`` is expanded.
         overwrite: allow replacing an existing file.
+        others: ``{what: path}`` of the run's other files (inputs, the summary); entries
+            that are not local paths (GeoDataFrames, URLs, None) are ignored.
 
     Returns:
         The path, with ``~`` expanded.
@@ -91,6 +107,12 @@ def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) 
     """
     target = Path(path).expanduser()
     _format_for(target)
+    for what, other in (others or {}).items():
+        if _same_file(target, other):
+            raise OutputError(
+                f"output {str(target)!r} is the same file as {what} ({other}); writing it would "
+                "replace that file. Choose another output path"
+            )
     parent = target.parent
     if not parent.exists():
         raise OutputError(
@@ -109,6 +131,22 @@ def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = False) 
     if target.exists() and not overwrite:
         raise OutputExistsError(_exists_message(target))
     return target
+
+
+def _same_file(target: Path, other: Any) -> bool:
+    """True if ``other`` is a local path naming the same file as ``target``."""
+    if not isinstance(other, (str, os.PathLike)):
+        return False
+    text = os.fspath(other)
+    if "://" in text or text.startswith("/vsi"):
+        return False
+    candidate = Path(text).expanduser()
+    try:
+        if target.exists() and candidate.exists():
+            return os.path.samefile(target, candidate)
+    except OSError:
+        return False
+    return os.path.abspath(target) == os.path.abspath(candidate)
 
 
 def _format_for(path: Path) -> str:
@@ -255,20 +293,94 @@ def _to_wgs84(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
 
 
 def _write_gpkg(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
-    """GeoPackage layer in the frame's CRS, with an R-tree spatial index."""
+    """GeoPackage layer in the frame's CRS, with an R-tree spatial index.
+
+    SQLite column names are case-insensitive and GPKG reserves two of them (the FID
+    column ``fid`` and the geometry column ``geom``), so attributes such as ``Score``
+    beside ``score``, ``FID`` or ``geom`` would make the write fail at the very end of a
+    run: see :func:`_gpkg_names`.
+    """
+    frame, fid_name, geometry_name = _gpkg_names(_for_ogr(gdf))
     pyogrio.write_dataframe(
-        _for_ogr(gdf),
+        frame,
         tmp,
         driver="GPKG",
         layer=layer_name,
-        layer_options={"SPATIAL_INDEX": "YES"},
+        layer_options={"SPATIAL_INDEX": "YES", "FID": fid_name, "GEOMETRY_NAME": geometry_name},
     )
+
+
+def _gpkg_names(gdf: geopandas.GeoDataFrame) -> tuple[geopandas.GeoDataFrame, str, str]:
+    """Attribute names SQLite accepts, plus FID and geometry column names not in use.
+
+    * Attributes whose names differ only in case: the last one (sam-geo's own columns
+      come last) keeps its name, the others get ``_2``, ``_3`` ... (a logged warning).
+    * The FID column is ``fid`` and the geometry column ``geom`` unless an attribute is
+      called so (in any case); then ``fid_1`` / ``geometry`` (or the next free name) are
+      used and the attribute keeps its name and values.
+    """
+    geometry = gdf.geometry.name
+    names = [str(c) for c in gdf.columns if c != geometry]
+    taken = {n.lower() for n in names}
+    renames: dict[str, str] = {}
+    seen: set[str] = set()
+    for name in reversed(names):
+        if name.lower() in seen:
+            k = 2
+            while f"{name}_{k}".lower() in taken:
+                k += 1
+            renames[name] = f"{name}_{k}"
+            taken.add(renames[name].lower())
+        seen.add(name.lower())
+    if renames:
+        log.warning(
+            "GeoPackage column names are case-insensitive; renamed %s",
+            ", ".join(f"{old!r} to {new!r}" for old, new in renames.items()),
+        )
+        gdf = gdf.rename(columns=renames)
+    fid_name = _free_name(("fid", "fid_1", "fid_2", "sam_geo_fid"), taken)
+    geometry_name = _free_name(("geom", "geometry", "geom_1", "sam_geo_geom"), taken)
+    return gdf, fid_name, geometry_name
+
+
+def _free_name(candidates: tuple[str, ...], taken: set[str]) -> str:
+    """The first candidate not in ``taken`` (lower-case names)."""
+    return next((c for c in candidates if c.lower() not in taken), candidates[-1])
 
 
 def _write_parquet(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
     """GeoParquet 1.x (``layer_name`` unused: the format has a single table)."""
     del layer_name
-    gdf.to_parquet(tmp)
+    _uniform_objects(gdf).to_parquet(tmp)
+
+
+def _uniform_objects(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
+    """``gdf`` with ``object`` columns of mixed value types (e.g. ``1`` and ``"a"``) as text.
+
+    Arrow needs one type per column and would fail the write; numbers of mixed int and
+    float, and columns of one type, are left as they are. Missing values stay missing.
+    """
+    out = gdf
+    for name in gdf.columns:
+        column = gdf[name]
+        if name == gdf.geometry.name or column.dtype != object:
+            continue
+        kinds = {_value_kind(v) for v in column[column.notna()]}
+        if len(kinds) > 1:
+            if out is gdf:
+                out = gdf.copy()
+            out[name] = column.where(column.isna(), column.astype(str))
+    return out
+
+
+def _value_kind(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return "number"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return "list"
+    return type(value).__name__
 
 
 _WRITERS: dict[str, Callable[[geopandas.GeoDataFrame, Path, str], None]] = {
@@ -376,8 +488,13 @@ def _write_error(target: Path, exc: Exception) -> WriteError:
         advice = f"the disk holding {str(target.parent)!r} is full; free space and retry"
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         advice = f"check write permission on {str(target.parent)!r} and retry"
-    else:
+    elif isinstance(exc, OSError):
         advice = "check free disk space and permissions, then retry"
+    else:
+        advice = (
+            "the data could not be stored in this format; write another one (.gpkg, .parquet "
+            "or .geojson), and report it if it looks like a bug"
+        )
     error = WriteError(
         f"writing {str(target)!r} failed ({type(exc).__name__}: {exc}); {advice}. "
         "Any previous file at that path is unchanged."

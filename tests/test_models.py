@@ -99,8 +99,11 @@ class Fetchers:
 # --- registry ---------------------------------------------------------------------
 
 
-def test_registry_lists_the_four_models() -> None:
-    assert models.known_models() == ["mobile_sam", "vit_b", "vit_h", "vit_l"]
+def test_registry_lists_sam_mobile_sam_and_sam2_models() -> None:
+    assert models.known_models() == [
+        "mobile_sam", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "sam2.1_hiera_small", "sam2.1_hiera_tiny",
+        "vit_b", "vit_h", "vit_l",
+    ]
     assert models.DEFAULT_MODEL == "mobile_sam"
     for name, spec in models.MODELS.items():
         assert spec.name == name

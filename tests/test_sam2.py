@@ -161,7 +161,9 @@ def test_decode_matches_the_official_predictor(
     assert np.isfinite(scores).all() and logits.abs().max() <= 32
 
     # the official predictor on the same features, tile-pixel prompts, one call per batch
-    predictor = SAM2ImagePredictor(backend.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # its SAM2Transforms uses torch.jit.script
+        predictor = SAM2ImagePredictor(backend.model)
     predictor._features = {"image_embed": embedding.image_embed, "high_res_feats": list(embedding.high_res_feats)}
     predictor._orig_hw = [TILE_HW]
     predictor._is_image_set = True
@@ -194,7 +196,6 @@ def test_multimask_for_boxes_and_mixed_batches(
         backend.decode(embedding, input_hw, TILE_HW, mixed)
 
 
-@pytest.mark.skipif(not hasattr(PromptBatch, "has_mask"), reason="PromptBatch has no mask prompts here")
 def test_mask_prompts_enter_as_low_res_mask_input(
     backend: Sam2Backend, encoded: tuple[Sam2Embedding, tuple[int, int]]
 ) -> None:

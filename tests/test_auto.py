@@ -1,0 +1,386 @@
+"""Automatic segmentation: stitching across tiles (pure vectors), then end to end with MobileSAM.
+
+The stitching tests cut synthetic polygons ("what a perfect SAM would return") by the
+read windows of real :class:`~sam_geo.tiles.TileGrid` tiles, so they check the rule of
+:mod:`sam_geo.stitch` without a model. The end-to-end tests segment a small synthetic
+scene (flat-coloured shapes on noise, placed across tile edges and corners, one longer
+than a tile) with the real MobileSAM weights, at three tile sizes / overlaps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.features import rasterize
+
+from conftest import make_raster
+from sam_geo import segment_auto
+from sam_geo.auto import AutoParams, grid_points
+from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from sam_geo.errors import ConfigError, OutputExistsError
+from sam_geo.runtime import RuntimeOptions
+from sam_geo.stitch import BOTTOM, LEFT, RIGHT, TOP, Piece, interior_sides, piece_from_geometry, stitch
+from sam_geo.tiles import TileGrid
+
+NORTH_UP = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 3_000_000.0)
+ROTATED = Affine.translation(500_000.0, 3_000_000.0) * Affine.rotation(25.0) * Affine.scale(0.5, -0.5)
+SCENE = (600, 600)  # rows, cols of the synthetic stitching scene
+
+
+# --- synthetic pieces ------------------------------------------------------------------
+
+
+def to_crs(geom: shapely.Geometry, transform: Affine) -> shapely.Geometry:
+    """A geometry in pixel coordinates (x = col, y = row) -> CRS of ``transform``."""
+    t = transform
+    return shapely.transform(geom, lambda xy: np.c_[t.a * xy[:, 0] + t.b * xy[:, 1] + t.c,
+                                                    t.d * xy[:, 0] + t.e * xy[:, 1] + t.f])
+
+
+def stitch_shapes() -> list[shapely.Geometry]:
+    """Disjoint shapes in pixels: rectangles, a disc, an L, a ring, a band longer than any tile."""
+    return [
+        shapely.box(100, 100, 180, 150),
+        shapely.Point(250, 250).buffer(40),
+        shapely.Polygon([(400, 40), (520, 40), (520, 200), (470, 200), (470, 90), (400, 90)]),
+        shapely.box(20, 330, 580, 420),  # longer than every tile used here
+        shapely.box(330, 460, 560, 580).difference(shapely.box(380, 490, 500, 540)),  # a ring crossing tiles
+        shapely.box(30, 470, 90, 530),
+    ]
+
+
+def tile_pieces(
+    grid: TileGrid,
+    shapes: list[shapely.Geometry],
+    *,
+    jitter: float = 0.0,
+    seed: int = 0,
+    extra: dict[str, list[shapely.Geometry]] | None = None,
+    skip: set[tuple[str, int]] | None = None,
+) -> list[tuple]:
+    """What each tile of ``grid`` would return: each shape cut by the tile's read window.
+
+    ``jitter`` (pixels): each tile's version is grown or shrunk by a random amount up to
+    this, as SAM's boundaries differ slightly from tile to tile. ``extra``: more pixel
+    polygons per tile key (clipped the same way); ``skip``: (tile key, shape index)
+    pairs the tile "misses".
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for tile in grid:
+        window = shapely.box(tile.read.col_start, tile.read.row_start, tile.read.col_stop, tile.read.row_stop)
+        own = [s for i, s in enumerate(shapes) if (tile.key, i) not in (skip or set())]
+        pieces = []
+        for shape in own + (extra or {}).get(tile.key, []):
+            if jitter:
+                shape = shape.buffer(rng.uniform(-jitter, jitter), join_style="mitre")
+            clipped = shape.intersection(window)
+            if clipped.area > 0:
+                geom = to_crs(clipped, grid.transform)
+                pieces.append(piece_from_geometry(geom, tile, (grid.height, grid.width), score=0.95))
+        out.append((tile, pieces))
+    return out
+
+
+def iou(a: shapely.Geometry, b: shapely.Geometry) -> float:
+    return shapely.area(shapely.intersection(a, b)) / shapely.area(shapely.union(a, b))
+
+
+def assert_one_object_per_shape(geoms: np.ndarray, truth: list[shapely.Geometry], min_iou: float) -> None:
+    """Every truth shape has exactly one object mostly inside it, a single polygon with IoU >= min_iou."""
+    for k, shape in enumerate(truth):
+        inside = [g for g in geoms if shapely.area(shapely.intersection(g, shape)) > 0.5 * shapely.area(g)]
+        assert len(inside) == 1, f"shape {k}: {len(inside)} objects, expected 1"
+        assert inside[0].geom_type == "Polygon", f"shape {k}: {inside[0].geom_type}"
+        assert iou(inside[0], shape) >= min_iou, f"shape {k}: IoU {iou(inside[0], shape):.3f}"
+
+
+GRIDS = [(256, 48), (200, 32), (320, 64), (128, 16), (512, 100)]
+
+
+# --- stitching -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tile_size", "overlap"), GRIDS)
+@pytest.mark.parametrize("transform", [NORTH_UP, ROTATED], ids=["north-up", "rotated"])
+def test_pieces_cut_by_tiles_become_one_polygon_each(tile_size: int, overlap: int, transform: Affine) -> None:
+    grid = TileGrid(*SCENE, transform, tile_size, overlap)
+    truth = [to_crs(s, transform) for s in stitch_shapes()]
+    objects = stitch(tile_pieces(grid, stitch_shapes()))
+    assert len(objects) == len(truth)
+    assert_one_object_per_shape(objects.geometry, truth, min_iou=0.999)
+    ring = next(g for g in objects.geometry if iou(g, truth[4]) > 0.99)
+    assert len(ring.interiors) == 1  # the hole survives being cut by tiles
+    band = next(k for k, g in enumerate(objects.geometry) if iou(g, truth[3]) > 0.99)
+    assert objects.n_tiles[band] >= 3  # assembled from pieces of several tiles
+
+
+def test_disagreeing_tiles_still_give_one_object_per_shape() -> None:
+    """Each tile's boundary differs by up to 1.5 px: duplicates and pieces are still merged."""
+    for tile_size, overlap in GRIDS[:3]:
+        grid = TileGrid(*SCENE, NORTH_UP, tile_size, overlap)
+        truth = [to_crs(s, NORTH_UP) for s in stitch_shapes()]
+        objects = stitch(tile_pieces(grid, stitch_shapes(), jitter=1.5, seed=tile_size))
+        assert len(objects) == len(truth)
+        assert_one_object_per_shape(objects.geometry, truth, min_iou=0.9)  # a 1.5 px error alone costs 0.07
+
+
+def test_result_does_not_depend_on_the_tile_grid() -> None:
+    runs = []
+    for tile_size, overlap in GRIDS:
+        grid = TileGrid(*SCENE, NORTH_UP, tile_size, overlap)
+        runs.append(stitch(tile_pieces(grid, stitch_shapes(), jitter=0.5, seed=overlap)))
+    reference = runs[0]
+    for other in runs[1:]:
+        assert len(other) == len(reference)
+        for geom in reference.geometry:  # two 0.5 px errors on a 60 px square alone cost 0.065
+            assert max(iou(geom, g) for g in other.geometry) >= 0.93
+
+
+def test_part_and_whole_stay_two_objects() -> None:
+    """SAM returns a part (half a roof) and the whole; matching must not chain them."""
+    whole = shapely.box(230, 100, 330, 160)  # across the tile edges of a 256/48 grid
+    half = shapely.box(230, 100, 280, 160)
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    objects = stitch(tile_pieces(grid, [whole, half]))
+    assert len(objects) == 2
+    assert sorted(round(iou(g, to_crs(s, NORTH_UP)), 3) for g in objects.geometry for s in (whole, half)
+                  if iou(g, to_crs(s, NORTH_UP)) > 0.9) == [1.0, 1.0]
+
+
+def test_a_tile_that_misses_its_part_of_a_large_object() -> None:
+    """The band's owner tile in the middle finds nothing: its neighbours' pieces still
+    cover it and the band comes out whole, as one polygon."""
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    band = stitch_shapes()[3]
+    middle = grid.tile(*grid.index_of(375, 300)).key
+    objects = stitch(tile_pieces(grid, [band], skip={(middle, 0)}))
+    assert len(objects) == 1
+    assert objects.geometry[0].geom_type == "Polygon"
+    assert iou(objects.geometry[0], to_crs(band, NORTH_UP)) > 0.999
+
+
+def test_mask_running_on_into_the_halo_is_dropped() -> None:
+    """Two tiles of one grid row see "band + background strip down to their read edge";
+    the row below owns the strip, saw it whole, and found only the band."""
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    band = stitch_shapes()[3]
+    above = [t for t in grid if t.read.row_start < 330 < t.read.row_stop < 420]
+    run_on = {t.key: [shapely.box(t.read.col_start, 330, t.read.col_stop, t.read.row_stop)] for t in above}
+    objects = stitch(tile_pieces(grid, [band], extra=run_on))
+    assert_one_object_per_shape(objects.geometry, [to_crs(band, NORTH_UP)], min_iou=0.999)
+    assert objects.stats["disowned"] >= 1
+
+
+def test_unmatched_fragment_is_kept_by_its_owner_and_dropped_elsewhere() -> None:
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    tile = grid.tile(0, 0)  # read cols 0..256, core cols 0..208
+    owned = shapely.box(150, 20, 256, 60)  # mostly in the tile's core, cut at the read edge
+    halo = shapely.box(220, 80, 256, 120)  # in the neighbour's core, cut at the read edge
+    parts = [(t, []) for t in grid if t.key != tile.key]
+    parts.append((tile, [piece_from_geometry(to_crs(g, NORTH_UP), tile, SCENE) for g in (owned, halo)]))
+    objects = stitch(parts)
+    assert len(objects) == 1
+    assert iou(objects.geometry[0], to_crs(owned, NORTH_UP)) > 0.999
+
+
+def test_duplicates_from_every_tile_are_removed() -> None:
+    """A small object every tile sees whole (it sits in the overlap of four tiles)."""
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    corner = shapely.Point(208, 208).buffer(6)  # core corner shared by four tiles
+    objects = stitch(tile_pieces(grid, [corner]))
+    assert len(objects) == 1
+    assert objects.n_tiles[0] == 4
+
+
+def test_stitching_does_not_depend_on_the_order_tiles_finished_in() -> None:
+    grid = TileGrid(*SCENE, NORTH_UP, 200, 32)
+    parts = tile_pieces(grid, stitch_shapes(), jitter=1.0)
+    first = stitch(parts)
+    shuffled = [parts[i] for i in np.random.default_rng(1).permutation(len(parts))]
+    second = stitch(shuffled)
+    assert all(shapely.equals_exact(a, b, 0.0) for a, b in zip(first.geometry, second.geometry))
+    np.testing.assert_array_equal(first.score, second.score)
+
+
+def test_objects_come_in_reading_order() -> None:
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    objects = stitch(tile_pieces(grid, stitch_shapes()))
+    ys = [-p.y for p in shapely.point_on_surface(objects.geometry)]  # rows grow downwards
+    assert ys == sorted(ys)
+
+
+def test_nothing_to_stitch_and_bad_thresholds() -> None:
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    assert len(stitch([])) == 0
+    assert len(stitch([(t, []) for t in grid])) == 0
+    with pytest.raises(ConfigError, match="match IoU"):
+        stitch([], match_iou=0.0)
+    with pytest.raises(ConfigError, match="owned"):
+        stitch([], min_owned=1.5)
+
+
+def test_piece_edges_only_count_sides_facing_another_tile() -> None:
+    grid = TileGrid(*SCENE, NORTH_UP, 256, 48)
+    corner = grid.tile(0, 0)
+    assert interior_sides(corner, SCENE) == BOTTOM | RIGHT
+    assert interior_sides(grid.tile(1, 1), SCENE) == TOP | LEFT | BOTTOM | RIGHT
+    at_scene_edge = piece_from_geometry(to_crs(shapely.box(0, 0, 50, 50), NORTH_UP), corner, SCENE)
+    assert at_scene_edge is not None and at_scene_edge.edges == 0 and not at_scene_edge.truncated
+    cut = piece_from_geometry(to_crs(shapely.box(200, 10, 256, 50), NORTH_UP), corner, SCENE)
+    assert cut is not None and cut.edges == RIGHT
+    assert cut.bbox == pytest.approx((10, 200, 50, 256))
+    assert piece_from_geometry(shapely.Polygon(), corner, SCENE) is None
+    assert Piece(b"", 1.0, 1.0, (0, 0, 1, 1), LEFT).truncated
+
+
+def test_grid_points_skip_nodata() -> None:
+    valid = np.ones((100, 200), dtype=bool)
+    valid[:, :100] = False
+    points = grid_points(valid, 4)
+    assert len(points) == 8 and (points[:, 0] > 100).all()
+    assert points[:, 1].min() == pytest.approx(12.5) and points[:, 0].max() == pytest.approx(175.0)
+
+
+def test_auto_params_are_validated() -> None:
+    with pytest.raises(ConfigError, match="points per side"):
+        AutoParams(points_per_side=0).validate()
+    with pytest.raises(ConfigError, match="max area"):
+        AutoParams(min_area_m2=10, max_area_m2=5).validate()
+    with pytest.raises(ConfigError, match="pred iou"):
+        AutoParams(pred_iou_thresh=1.5).validate()
+
+
+# --- end to end with MobileSAM ---------------------------------------------------------
+# A 512 x 512 px synthetic scene: flat-coloured, non-touching shapes on grey noise, placed
+# across tile edges and on tile corners of the grids below, one band longer than any
+# tile. Every shape is at least 64 px across (the prompt-grid spacing used here) and the
+# discs' inscribed squares too, so some grid point falls inside each shape in every tile
+# that sees it whole.
+
+E2E_SHAPES = [
+    shapely.box(180, 30, 260, 100),  # across the 256-px grid's core and read edges
+    shapely.Point(208, 208).buffer(48),  # on a core corner of the 256-px grid
+    shapely.Polygon([(360, 30), (490, 30), (490, 170), (420, 170), (420, 100), (360, 100)]),  # an L
+    shapely.box(20, 300, 490, 380),  # longer than every tile below
+    shapely.box(300, 410, 420, 500),  # on a read-window corner
+    shapely.box(40, 150, 120, 230),
+    shapely.Point(90, 452).buffer(48),
+]
+E2E_COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (200, 40, 200), (30, 200, 200),
+               (250, 140, 20)]
+E2E_PARAMS = {"min_area_m2": 100.0, "max_area_m2": 10_000.0}
+TILINGS = {  # (tile size, overlap, points per side: one point every 64 px) -> workers
+    (256, 48, 4): 0,
+    (320, 64, 5): 0,
+    (384, 96, 6): 1,  # through Ray
+}
+
+
+def paint_scene(path: Path, shapes: list[shapely.Geometry], shape_hw: tuple[int, int], **kwargs) -> Path:
+    rows, cols = shape_hw
+    image = np.random.default_rng(0).normal(120, 30, (3, rows, cols)).clip(0, 255).astype(np.uint8)
+    for shape, colour in zip(shapes, E2E_COLOURS):
+        inside = rasterize([shape], out_shape=shape_hw, transform=Affine.identity()).astype(bool)
+        image[:, inside] = np.array(colour, dtype=np.uint8)[:, None]
+    return Path(make_raster(path, image, transform=NORTH_UP, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def shapes_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return paint_scene(tmp_path_factory.mktemp("auto") / "shapes.tif", E2E_SHAPES, (512, 512))
+
+
+@pytest.fixture(scope="module")
+def auto_runs(shapes_scene: Path, ray_session: None) -> dict[tuple[int, int, int], gpd.GeoDataFrame]:
+    runs = {}
+    for (tile_size, overlap, points), workers in TILINGS.items():
+        runs[tile_size, overlap, points] = segment_auto(
+            shapes_scene,
+            tile_size=tile_size,
+            overlap=overlap,
+            points_per_side=points,
+            runtime=RuntimeOptions(workers=workers, progress=False),
+            **E2E_PARAMS,
+        )
+    return runs
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("tiling", list(TILINGS), ids=[f"{t}px-{o}-{p}pts" for t, o, p in TILINGS])
+def test_every_shape_is_one_polygon(auto_runs, tiling) -> None:
+    gdf = auto_runs[tiling]
+    truth = [to_crs(s, NORTH_UP) for s in E2E_SHAPES]
+    assert_one_object_per_shape(gdf.geometry.to_numpy(), truth, min_iou=0.9)
+    assert list(gdf.columns) == ["object_id", "score", "stability", "area_m2", "n_tiles", "geometry"]
+    assert gdf.object_id.tolist() == list(range(1, len(gdf) + 1))
+    band = gdf.iloc[int(np.argmax([iou(g, truth[3]) for g in gdf.geometry]))]
+    assert band.n_tiles >= 2 and band.area_m2 == pytest.approx(470 * 80 * 0.25, rel=0.05)
+    assert ((gdf.area_m2 >= 100) & (gdf.area_m2 <= 10_000)).all()
+    summary = gdf.attrs["summary"]
+    assert summary["mode"] == "auto" and summary["tiles"]["processed"] == summary["tiles"]["planned"]
+    assert summary["prompts"]["used"] == summary["tiles"]["planned"] * tiling[2] ** 2
+    assert {"read", "encode", "decode", "vectorize", "stitch", "total"} <= set(summary["seconds"])
+
+
+@pytest.mark.ray
+def test_same_objects_whatever_the_tiling(auto_runs) -> None:
+    truth = [to_crs(s, NORTH_UP) for s in E2E_SHAPES]
+    found = []
+    for gdf in auto_runs.values():
+        geoms = gdf.geometry.to_numpy()
+        found.append([next(g for g in geoms if iou(g, shape) >= 0.9) for shape in truth])
+    for other in found[1:]:
+        assert all(iou(a, b) >= 0.9 for a, b in zip(found[0], other))
+
+
+def test_cli_auto_writes_objects_labels_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """512 x 1024 px, the right half nodata: 3 tiles of 512 px, the last one all nodata."""
+    valid = np.zeros((512, 1024), dtype=bool)
+    valid[:, :512] = True
+    scene = paint_scene(tmp_path / "half.tif", E2E_SHAPES, (512, 1024), mask=valid)
+    out, labels, summary = tmp_path / "objects.gpkg", tmp_path / "labels.tif", tmp_path / "summary.json"
+    args = ["auto", str(scene), "-o", str(out), "--tile-size", "512", "--overlap", "64", "--points-per-side", "8",
+            "--min-area", "100", "--max-area", "10000", "--labels-raster", str(labels), "--summary", str(summary),
+            "--workers", "0", "--no-progress"]
+    assert main(args) == EXIT_OK
+    err = capsys.readouterr().err
+    assert f"objects to {out}" in err and "1 all nodata" in err
+    gdf = gpd.read_file(out)
+    assert len(gdf) >= 5 and set(gdf.columns) >= {"object_id", "score", "stability", "area_m2", "n_tiles"}
+    scene_box = shapely.box(*shapely.bounds(to_crs(shapely.box(0, 0, 512, 512), NORTH_UP)))
+    assert gdf.geometry.within(scene_box.buffer(0.01)).all()  # nothing on nodata
+    with rasterio.open(labels) as src:
+        assert src.dtypes[0] == "uint32" and src.block_shapes[0] == (512, 512) and src.crs == "EPSG:32645"
+        assert src.compression.name == "deflate" and (src.height, src.width) == (512, 1024)
+        ids, counts = np.unique(src.read(1), return_counts=True)
+    pixels = dict(zip(ids.tolist(), counts.tolist()))
+    for object_id, area in zip(gdf.object_id, gdf.area_m2):
+        assert pixels.get(object_id, 0) == pytest.approx(area / 0.25, rel=0.1, abs=40)
+    report = json.loads(summary.read_text())
+    assert report["tiles"]["skipped_nodata"] == 1 and report["tiles"]["processed"] == 2
+    assert report["objects"]["pieces"] >= len(gdf)
+    assert main(args) == EXIT_BAD_INPUT  # the output exists: refused before any work
+    assert "exists" in capsys.readouterr().err
+
+
+def test_segment_auto_refuses_bad_settings_before_work(shapes_scene: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="overlap"):
+        segment_auto(shapes_scene, tile_size=256, overlap=8)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        segment_auto(shapes_scene, points_per_tile=4)
+    existing = tmp_path / "out.gpkg"
+    existing.write_text("")
+    with pytest.raises(OutputExistsError):
+        segment_auto(shapes_scene, output=existing)
+    labels = tmp_path / "labels.tif"
+    labels.write_text("")
+    with pytest.raises(OutputExistsError, match="labels raster"):
+        segment_auto(shapes_scene, labels_raster=labels)
