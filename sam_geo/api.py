@@ -80,6 +80,10 @@ class SegmentSettings:
     kept (highest predicted IoU for points); off: one mask per box prompt."""
     device: str = "auto"
     assume_crs: str | None = None
+    precision: str = "auto"
+    """Model arithmetic: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
+    encode_batch: int | None = None
+    """Tiles per image-encoder call (None: 4 on CUDA, 1 on CPU)."""
 
     def validate(self) -> None:
         if self.min_area_m2 < 0 or not math.isfinite(self.min_area_m2):
@@ -96,6 +100,12 @@ class SegmentSettings:
             raise ConfigError(f"zoom must be one of {', '.join(map(str, ZOOMS))} (or auto), got {self.zoom}")
         if self.device not in {"auto", "cpu"} and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("fp16 needs a CUDA GPU; use --precision bf16 or fp32 with --device cpu")
+        if self.encode_batch is not None and not (1 <= self.encode_batch <= 64):
+            raise ConfigError(f"encode batch must be between 1 and 64 tiles, got {self.encode_batch}")
 
 
 def segment(
@@ -182,6 +192,8 @@ def segment(
         weights=str(weights.path),
         device=settings.device,
         batch_size=settings.batch_size,
+        precision=settings.precision,
+        encode_batch=settings.encode_batch,
         multimask=settings.multimask,
         min_area=_min_area_in_crs_units(infos[0], settings.min_area_m2),
         simplify=_metres_in_crs_units(infos[0], settings.simplify_m),
@@ -314,7 +326,7 @@ def _open_work_dir(
         "mode": summary.mode,
         "model": summary.model["name"],
         "weights_sha256": summary.model["weights_sha256"],
-        "settings": {k: v for k, v in summary.settings.items() if k not in ("workers", "device", "batch_size")},
+        "settings": {k: v for k, v in summary.settings.items() if k not in ("workers", "device", "batch_size", "encode_batch")},
         "scenes": [fingerprint_file(info.path) for info in infos],
         "prompts": prompts_digest,
         "prompt_as": prompt_as,

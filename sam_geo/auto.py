@@ -29,16 +29,18 @@ Per tile (:meth:`AutoTileTask.execute`, in the model actor):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import rasterio
 import rasterio.features
 import rasterio.windows
@@ -53,6 +55,8 @@ from . import __version__
 from .api import (
     SegmentSettings,
     _check_summary_path,
+    _regularize,
+    expand_scenes,
     _merge_settings,
     _metres_in_crs_units,
     _min_area_in_crs_units,
@@ -71,7 +75,7 @@ from .models import resolve_weights
 from .raster import SceneInfo, Stretch, compute_stretch, open_scene
 from .runtime import RuntimeOptions
 from .stitch import DEFAULT_MATCH_IOU, Piece, StitchedObjects, piece_from_geometry, stitch
-from .summary import RunSummary
+from .summary import RunSummary, write_json_atomic
 from .tiles import Tile, TileGrid, validate_tiling
 from .vectorize import geometry_area_m2, mask_to_geometry
 from .workdir import WorkDir, fingerprint_file
@@ -239,8 +243,8 @@ def run_auto_tile(task: AutoTileTask, segmenter: TileSegmenter) -> AutoTileResul
     result.points = len(points)
     if len(points) == 0:
         return result
-    with segmenter.model_lock, timed(seconds, "encode"):
-        embedding, input_hw = backend.encode(window.rgb)
+    with timed(seconds, "encode"):
+        embedding, input_hw = segmenter.encode(window.rgb)
     result.encoded = True
     frame = _Frame(window.valid.shape, input_hw)
     batch = task.params.points_per_batch or (
@@ -249,9 +253,9 @@ def run_auto_tile(task: AutoTileTask, segmenter: TileSegmenter) -> AutoTileResul
     candidates: list[_Candidate] = []
     for start in range(0, len(points), batch):
         part = points[start : start + batch]
-        with segmenter.model_lock, timed(seconds, "decode"):
+        with segmenter.model_call(), timed(seconds, "decode"):
             logits, iou = _decode_points(backend, embedding, part * (input_hw[0] / frame.tile_hw[0]))
-            candidates += _filter_masks(logits, iou, part, frame, task.params)
+            candidates += _filter_masks(logits.float(), iou.float(), part, frame, task.params)
     with timed(seconds, "vectorize"):
         pieces = _vectorize(candidates, window.valid, frame, task, segmenter.config)
         result.objects = _box_nms(pieces, task.params.box_nms_thresh)
@@ -441,7 +445,7 @@ class AutoRunSummary(RunSummary):
 
 
 def segment_auto(
-    scene: str | os.PathLike[str],
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -474,10 +478,118 @@ def segment_auto(
     rerun resumes; more than ``max_failed_tiles`` failed tiles raise
     :class:`~sam_geo.errors.RunError` and write nothing.
 
+    ``scenes`` is one path or URL rasterio can open, a glob, a ``.txt`` file of paths
+    (one per line), or a list of those (see :func:`sam_geo.api.expand_scenes`). Several
+    scenes give one merged layer in the first scene's CRS (reprojected explicitly) with a
+    ``scene`` column; ``object_id`` then counts per scene, so ``(scene, object_id)`` is the
+    stable key. ``labels_raster`` needs a single scene. ``max_failed_tiles`` counts
+    over all scenes; with a ``work_dir`` each scene keeps its tiles in its own
+    sub-directory (named after the scene), so a rerun resumes every scene.
+    ``settings.regularize_m`` regularizes the outlines as for prompted building runs.
+
     Outputs are checked before any work and written atomically, never overwritten
     unless ``overwrite``. Keyword arguments are fields of :class:`SegmentSettings`
     (``tile_size=512`` ...) or of :class:`AutoParams` (``points_per_side=16`` ...).
     """
+    paths = expand_scenes(scenes)
+    if len(paths) == 1:
+        return _segment_auto_scene(
+            paths[0], output=output, overwrite=overwrite, params=params, settings=settings, runtime=runtime,
+            summary_path=summary_path, labels_raster=labels_raster, work_dir=work_dir, restart=restart,
+            max_failed_tiles=max_failed_tiles, **overrides,
+        )
+    if labels_raster is not None:
+        raise ConfigError(
+            f"a labels raster is written on one scene's pixel grid, but {len(paths)} scenes were given; "
+            "run each scene on its own to get its labels raster"
+        )
+    t_total = time.perf_counter()
+    output_path = check_output_path(output, overwrite=overwrite) if output is not None else None
+    if summary_path is not None:
+        _check_summary_path(Path(summary_path), overwrite)
+    frames: list[gpd.GeoDataFrame] = []
+    summaries: list[dict[str, Any]] = []
+    for path in paths:
+        failed_so_far = sum(s["tiles"]["failed"] for s in summaries)
+        frame = _segment_auto_scene(
+            path, params=params, settings=settings, runtime=runtime,
+            work_dir=Path(work_dir) / scene_work_dir_name(path) if work_dir is not None else None,
+            restart=restart, max_failed_tiles=max_failed_tiles - failed_so_far, **overrides,
+        )
+        summaries.append(frame.attrs["summary"])
+        frames.append(frame.assign(scene=path))
+    merged = _merge_scene_frames(frames)
+    summary = merged_summary(summaries)
+    if output_path is not None:
+        start = time.perf_counter()
+        write_vector(merged, output_path, overwrite=overwrite)
+        summary["seconds"]["write"] += time.perf_counter() - start
+        summary["output"] = str(output_path)
+    summary["features"] = len(merged)
+    summary["seconds"]["total"] = round(time.perf_counter() - t_total, 3)
+    merged.attrs["summary"] = summary
+    if summary_path is not None:
+        write_json_atomic(summary, summary_path)
+    return merged
+
+
+def scene_work_dir_name(path: str) -> str:
+    """Sub-directory of a work dir for one scene: its file stem and a hash of its path."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).stem)[:60] or "scene"
+    return f"{stem}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _merge_scene_frames(frames: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
+    """Concatenate per-scene outputs in the first scene's CRS (reprojected explicitly)."""
+    crs = frames[0].crs
+    same_crs = [f if f.crs == crs else f.to_crs(crs) for f in frames]
+    merged = pd.concat(same_crs, ignore_index=True)
+    return gpd.GeoDataFrame(merged, geometry="geometry", crs=crs)
+
+
+def merged_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run summary for several scenes: counts and seconds summed, each scene's kept."""
+    first = summaries[0]
+    out: dict[str, Any] = {
+        "scene": ", ".join(s["scene"] for s in summaries),
+        "mode": first["mode"],
+        "model": first["model"],
+        "settings": first["settings"],
+        "output": None,
+        "features": 0,
+        "failures": [f | {"scene": s["scene"]} for s in summaries for f in s.get("failures", [])],
+        "scenes": summaries,
+    }
+    for key in ("tiles", "prompts", "seconds", "objects", "regularize"):
+        out[key] = _sum_numbers([s.get(key, {}) for s in summaries])
+    return out
+
+
+def _sum_numbers(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
+def _segment_auto_scene(
+    scene: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    params: AutoParams | None = None,
+    settings: SegmentSettings | None = None,
+    runtime: RuntimeOptions | None = None,
+    summary_path: str | os.PathLike[str] | None = None,
+    labels_raster: str | os.PathLike[str] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    restart: bool = False,
+    max_failed_tiles: int = 0,
+    **overrides: Any,
+) -> gpd.GeoDataFrame:
+    """:func:`segment_auto` on one scene."""
     t_total = time.perf_counter()
     settings, params = _split_overrides(settings, params, overrides)
     runtime = runtime or RuntimeOptions()
@@ -504,6 +616,8 @@ def segment_auto(
         weights=str(weights.path),
         device=settings.device,
         batch_size=settings.batch_size,
+        precision=settings.precision,
+        encode_batch=settings.encode_batch,
         min_area=_min_area_in_crs_units(info, settings.min_area_m2),
         simplify=_metres_in_crs_units(info, settings.simplify_m),
     )
@@ -525,6 +639,8 @@ def segment_auto(
     start = time.perf_counter()
     gdf = _stitched_frame(info, grid, tasks, results, params, settings, summary)
     summary.seconds["stitch"] = time.perf_counter() - start
+    if settings.regularize_m is not None and len(gdf):
+        gdf = _regularize(gdf, settings.regularize_m, summary)
     if output_path is not None:
         start = time.perf_counter()
         write_vector(gdf, output_path, overwrite=overwrite)
@@ -566,7 +682,7 @@ def _open_work_dir(path: str | os.PathLike[str], restart: bool, summary: RunSumm
         "mode": summary.mode,
         "model": summary.model["name"],
         "weights_sha256": summary.model["weights_sha256"],
-        "settings": {k: v for k, v in summary.settings.items() if k not in ("workers", "device", "batch_size")},
+        "settings": {k: v for k, v in summary.settings.items() if k not in ("workers", "device", "batch_size", "encode_batch")},
         "scenes": [fingerprint_file(info.path)],
     }
     return WorkDir(path, fingerprint, restart=restart)

@@ -66,6 +66,10 @@ def common_segment_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "metres, 0.5 when given without a value."),
         click.option("--batch-size", type=int, default=None, help="Prompts per mask-decoder call (default: 64 on GPU, 4 on CPU)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Model arithmetic (torch.autocast); auto: bf16 on CUDA, fp32 on CPU."),
+        click.option("--encode-batch", type=click.IntRange(1, 64), default=None,
+                     help="Tiles per image-encoder call (default: 4 on CUDA, 1 on CPU)."),
         click.option("--workers", type=int, default=None, help="Model actors (default: one per GPU, else 1; 0: no Ray)."),
         click.option("--address", default=None, help="Ray cluster to join ('auto' or host:port); default: a local Ray."),
         click.option("--assume-crs", default=None, help="CRS for a scene that has none, e.g. EPSG:32645."),
@@ -151,7 +155,7 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
 
 
 @cli.command()
-@click.argument("scene", type=str)
+@click.argument("scenes", nargs=-1, required=True)
 @click.option("--points-per-side", type=click.IntRange(1, 256), default=32, show_default=True,
               help="Prompt grid per tile: N x N points, one every tile-size / N pixels.")
 @click.option("--pred-iou-thresh", type=click.FloatRange(0, 1, max_open=True), default=0.88, show_default=True,
@@ -165,9 +169,10 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
 @common_segment_options
 @click.pass_context
 def auto(ctx: click.Context, **kwargs: Any) -> None:
-    """Segment every object in SCENE automatically (no prompts): one polygon per object.
+    """Segment every object in SCENES automatically (no prompts): one polygon per object.
 
-    Each tile is prompted with a grid of points; objects cut by tile edges are stitched
+    SCENES are paths or URLs rasterio opens, globs, or .txt files listing them; several
+    scenes give one merged output with a `scene` column. Each tile is prompted with a grid of points; objects cut by tile edges are stitched
     across tiles, so the result does not depend on --tile-size and --overlap. Rows
     carry object_id, score, stability, area_m2 and n_tiles.
     """
@@ -189,7 +194,7 @@ def auto(ctx: click.Context, **kwargs: Any) -> None:
         **extra,
     )
     gdf = segment_auto(
-        params["scene"],
+        list(params["scenes"]),
         output=params["output"],
         overwrite=params["overwrite"],
         params=auto_params,
@@ -304,6 +309,8 @@ def _settings_from(params: dict[str, Any]) -> Any:
         box_grow=params.get("box_grow"),
         device=params["device"],
         assume_crs=params["assume_crs"],
+        precision=params.get("precision") or "auto",
+        encode_batch=params.get("encode_batch"),
     )
 
 

@@ -29,8 +29,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SegmentSection(_Section):
-    """Options of ``sam-geo segment`` (units: pixels, square metres, metres)."""
+class _CommandSection(_Section):
+    """Options every segmentation command has (units: pixels, square metres, metres)."""
 
     model: str | None = None
     weights: str | None = None
@@ -39,18 +39,45 @@ class SegmentSection(_Section):
     tile_size: int | None = Field(default=None, ge=64, le=8192)
     overlap: int | None = Field(default=None, ge=0)
     zoom: Literal["auto", "1", "2", "4", 1, 2, 4] | None = None
-    prompt_as: str | None = None
-    multimask: bool | None = None
-    box_grow: float | None = Field(default=None, ge=0, le=2)
-    negative_points: str | None = None
-    id_column: str | None = None
     min_area: float | None = Field(default=None, ge=0)
     simplify: float | None = Field(default=None, ge=0)
     regularize: float | None = Field(default=None, gt=0, le=50)
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     device: str | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
+    encode_batch: int | None = Field(default=None, ge=1, le=64)
     workers: int | None = Field(default=None, ge=0)
     address: str | None = None
+
+
+class SegmentSection(_CommandSection):
+    """Options of ``sam-geo segment`` (prompted by a vector layer)."""
+
+    prompt_as: str | None = None
+    multimask: bool | None = None
+    box_grow: float | None = Field(default=None, ge=0, le=2)
+    negative_points: str | None = None
+    id_column: str | None = None
+
+
+class AutoSection(_CommandSection):
+    """Options of ``sam-geo auto`` (see :class:`sam_geo.auto.AutoParams`; areas in m^2)."""
+
+    points_per_side: int | None = Field(default=None, ge=1, le=256)
+    pred_iou_thresh: float | None = Field(default=None, ge=0, lt=1)
+    stability_thresh: float | None = Field(default=None, ge=0, lt=1)
+    max_area: float | None = Field(default=None, gt=0)
+    box_nms_thresh: float | None = Field(default=None, gt=0, le=1)
+    match_iou: float | None = Field(default=None, gt=0, le=1)
+    max_tile_fraction: float | None = Field(default=None, gt=0, le=1)
+
+
+class TextSection(_CommandSection):
+    """Options of ``sam-geo text`` (grounding detector thresholds in [0, 1])."""
+
+    detector: str | None = None
+    box_threshold: float | None = Field(default=None, ge=0, le=1)
+    text_threshold: float | None = Field(default=None, ge=0, le=1)
 
 
 class ModelSection(_Section):
@@ -60,6 +87,8 @@ class ModelSection(_Section):
     weights: str | None = None
     device: str | None = None
     batch_size: int | None = Field(default=None, ge=1, le=4096)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
+    encode_batch: int | None = Field(default=None, ge=1, le=64)
 
 
 class ConfigFile(_Section):
@@ -68,6 +97,8 @@ class ConfigFile(_Section):
     description: str | None = None
     model: ModelSection = ModelSection()
     segment: SegmentSection = SegmentSection()
+    auto: AutoSection = AutoSection()
+    text: TextSection = TextSection()
 
 
 def load_config(path: str | os.PathLike[str]) -> ConfigFile:

@@ -15,10 +15,12 @@ tile size.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future
+import queue
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,16 @@ CPU_BATCH_SIZE = 4
 batches are slower per prompt (MobileSAM, 2 cores: 60 ms/prompt at 1-4, 100 ms at 16;
 ``benchmarks/decoder_batch.py``)."""
 
+GPU_ENCODE_BATCH = 4
+"""Tiles per image-encoder call on CUDA: the actor's task threads hand their tiles to one
+:class:`EncodeBatcher`, which runs them through the encoder together. On CPU the encoder
+is compute-bound at batch 1 already, so tiles are encoded one by one there."""
+
+ENCODE_BATCH_WAIT_S = 0.02
+"""Longest wait (seconds) for more tiles to fill an encoder batch once one tile is ready."""
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -65,6 +77,11 @@ class EngineConfig:
     """Smallest polygon part kept, in square CRS units of the scene."""
     simplify: float | None = None
     """Simplification tolerance in CRS units, or None."""
+    precision: str = "auto"
+    """Model arithmetic: ``fp32``, ``bf16`` or ``fp16`` (``torch.autocast``); ``auto``: bf16
+    on a CUDA GPU that supports it (else fp16), fp32 on CPU."""
+    encode_batch: int | None = None
+    """Tiles per image-encoder call; None: :data:`GPU_ENCODE_BATCH` on CUDA, 1 on CPU."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,71 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``) on ``device``.
+
+    ``auto`` is bf16 on a CUDA GPU that supports it, fp16 on an older one and fp32 on
+    CPU (where autocast saves little and costs accuracy). fp16 on CPU is refused.
+    """
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of auto, {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return PRECISIONS[precision]
+
+
+class EncodeBatcher:
+    """Gathers the tiles an actor's task threads want encoded into image-encoder batches.
+
+    A thread calling :meth:`encode` blocks until its tile's embedding is ready. One
+    background thread takes the first waiting tile, waits up to ``max_wait_s`` seconds
+    for more (at most ``max_batch`` in all) and encodes them in one call of
+    ``encode_many``; an exception is handed to every caller of that batch.
+    """
+
+    def __init__(
+        self,
+        encode_many: Any,
+        max_batch: int,
+        max_wait_s: float = ENCODE_BATCH_WAIT_S,
+    ) -> None:
+        self._encode_many = encode_many
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.batch_sizes: list[int] = []
+        """Sizes of the batches run so far (for tests and benchmarks)."""
+        self._queue: queue.Queue[tuple[np.ndarray, Future[Any]]] = queue.Queue()
+        threading.Thread(target=self._loop, name="sam-geo-encoder", daemon=True).start()
+
+    def encode(self, rgb: np.ndarray) -> Any:
+        future: Future[Any] = Future()
+        self._queue.put((rgb, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            self.batch_sizes.append(len(batch))
+            try:
+                outputs = self._encode_many([rgb for rgb, _ in batch])
+            except BaseException as exc:  # handed to the callers, who raise it
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), output in zip(batch, outputs):
+                future.set_result(output)
+
+
 class SamBackend:
     """Model steps of SAM-family models built on ``segment_anything.modeling.Sam``
     (SAM ViT-B/L/H and MobileSAM): encode a tile once, decode prompt batches.
@@ -154,19 +236,29 @@ class SamBackend:
 
     @torch.inference_mode()
     def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image embedding of an (rows, cols, 3) uint8 array, and its resized (h, w).
+        """Image embedding (1, 256, 64, 64) of an (rows, cols, 3) uint8 array, and its resized (h, w).
 
         The array is resized so its longer side is the model's input size (1024),
         normalised and zero-padded as SAM's ``preprocess`` does.
         """
+        return self.encode_many([rgb])[0]
+
+    @torch.inference_mode()
+    def encode_many(self, rgbs: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """:meth:`encode` for several tiles in one image-encoder call (any tile shapes:
+        each is resized and padded to the model's square input first)."""
+        images, sizes = zip(*(self._model_input(rgb) for rgb in rgbs))
+        embeddings = self.model.image_encoder(torch.cat(images))
+        return [(embeddings[i : i + 1], size) for i, size in enumerate(sizes)]
+
+    def _model_input(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         h, w = rgb.shape[:2]
         scale = self.image_size / max(h, w)
         new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
         image = torch.as_tensor(rgb, device=self.device).permute(2, 0, 1)[None].float()
         if (new_h, new_w) != (h, w):
             image = F.interpolate(image, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        image = self.model.preprocess(image)
-        return self.model.image_encoder(image), (new_h, new_w)
+        return self.model.preprocess(image), (new_h, new_w)
 
     @torch.inference_mode()
     def decode(
@@ -241,6 +333,9 @@ class TileSegmenter:
         self._detector: Any = None
         default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
         self.batch_size = config.batch_size or default_batch
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        self.encode_batch = config.encode_batch or (GPU_ENCODE_BATCH if self.device.type == "cuda" else 1)
+        self._batcher = EncodeBatcher(self._encode_many, self.encode_batch) if self.encode_batch > 1 else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -265,11 +360,38 @@ class TileSegmenter:
         """Held around each model call, so tasks sharing this actor take turns on it."""
         return self._model_lock
 
-    def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        return self.backend.encode(rgb)
+    @contextmanager
+    def model_call(self) -> Iterator[None]:
+        """Hold the model (see :attr:`model_lock`) under the configured autocast precision."""
+        with self._model_lock, self._autocast():
+            yield
 
-    def decode(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return self.backend.decode(*args, **kwargs)
+    def _autocast(self) -> Any:
+        if self.autocast_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The tile's image embedding and resized (h, w); batched with other tasks'
+        tiles when ``encode_batch > 1`` (see :class:`EncodeBatcher`)."""
+        if self._batcher is not None:
+            return self._batcher.encode(rgb)
+        return self._encode_many([rgb])[0]
+
+    def _encode_many(self, rgbs: list[np.ndarray]) -> list[tuple[Any, tuple[int, int]]]:
+        with self.model_call():
+            encode_many = getattr(self.backend, "encode_many", None)
+            if encode_many is not None:
+                return encode_many(rgbs)
+            return [self.backend.encode(rgb) for rgb in rgbs]
+
+    def decode(
+        self, embedding: Any, input_hw: tuple[int, int], tile_hw: tuple[int, int], prompts: PromptBatch
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Low-res logits (float32) and scores of a prompt batch, under the model lock."""
+        with self.model_call():
+            logits, scores = self.backend.decode(embedding, input_hw, tile_hw, prompts)
+        return logits.float(), scores
 
     # -- datasets ------------------------------------------------------------------
 
@@ -318,12 +440,12 @@ class TileSegmenter:
             return result
         # The model lock is held per model call, so another task of this actor can read
         # or vectorize meanwhile, and only one batch of logits is alive at a time.
-        with self._model_lock, timed(seconds, "encode"):
-            embedding, input_hw = self.backend.encode(window.rgb)
+        with timed(seconds, "encode"):
+            embedding, input_hw = self.encode(window.rgb)
         result.encoded = True
         for part in _decode_batches(prompts, self.batch_size):
-            with self._model_lock, timed(seconds, "decode"):
-                logits, scores = self.backend.decode(embedding, input_hw, window.rgb.shape[:2], part)
+            with timed(seconds, "decode"):
+                logits, scores = self.decode(embedding, input_hw, window.rgb.shape[:2], part)
             with timed(seconds, "vectorize"):
                 result.results.extend(
                     self._vectorize(part, logits, scores, window.valid, tile, input_hw, window.rgb.shape[:2])

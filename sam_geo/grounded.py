@@ -105,13 +105,13 @@ def run_text_tile(segmenter: TileSegmenter, task: TextTileTask) -> TextTileResul
     boxes = found.boxes[keep]
     n = len(boxes)
     prompts = PromptBatch(np.arange(n), boxes, np.zeros((n, 0, 2)), np.zeros((n, 0), np.int32))
-    with segmenter.model_lock, timed(seconds, "encode"):
-        embedding, input_hw = segmenter.backend.encode(window.rgb)
+    with timed(seconds, "encode"):
+        embedding, input_hw = segmenter.encode(window.rgb)
     result.encoded = True
     scores, labels = found.scores[keep], found.labels[keep]
     for part in _decode_batches(prompts, segmenter.batch_size):
-        with segmenter.model_lock, timed(seconds, "decode"):
-            logits, sam_scores = segmenter.backend.decode(embedding, input_hw, window.rgb.shape[:2], part)
+        with timed(seconds, "decode"):
+            logits, sam_scores = segmenter.decode(embedding, input_hw, window.rgb.shape[:2], part)
         with timed(seconds, "vectorize"):
             polygons = segmenter._vectorize(part, logits, sam_scores, window.valid, tile, input_hw, window.rgb.shape[:2])
         for record in polygons:
@@ -209,6 +209,8 @@ def segment_text(
         weights=str(weights.path),
         device=settings.device,
         batch_size=settings.batch_size,
+        precision=settings.precision,
+        encode_batch=settings.encode_batch,
         min_area=_min_area_in_crs_units(infos[0], settings.min_area_m2),
         simplify=_metres_in_crs_units(infos[0], settings.simplify_m),
         detector=detector,

@@ -5,10 +5,12 @@ Each actor builds one model when it starts (on its GPU when the cluster has GPUs
 scenes it is asked to read. Tasks are descriptors (scene path, tile, prompts), never
 pixels; results are polygons as WKB.
 
-Keeping the model busy: every actor is a threaded actor with two tasks in flight
-(``TASKS_PER_ACTOR``); :class:`~sam_geo.engine.TileSegmenter` serialises model calls
-with a lock, so one task's window read and vectorization overlap the other's encoder and
-decoder work.
+Keeping the model busy: every actor is a threaded actor with several tasks in flight
+(:func:`tasks_per_actor`: two on CPU, ``encode_batch + 1`` on a GPU);
+:class:`~sam_geo.engine.TileSegmenter` serialises model calls with a lock, so one task's
+window read and vectorization overlap another's encoder and decoder work, and on a GPU
+the tiles of several tasks go through the image encoder in one batch
+(:class:`~sam_geo.engine.EncodeBatcher`).
 
 Fault tolerance, in two layers:
 
@@ -44,7 +46,17 @@ MAX_RESTARTS = 3
 """How often Ray restarts an actor, and retries the tasks it held, after a crash."""
 
 TASKS_PER_ACTOR = 2
-"""Tasks in flight per actor: one using the model, one reading or vectorizing."""
+"""Tasks in flight per actor when tiles are encoded one at a time: one using the model,
+one reading or vectorizing."""
+
+
+def tasks_per_actor(config: EngineConfig, on_gpu: bool) -> int:
+    """Tasks in flight per actor: enough to fill an encoder batch while one more task
+    reads or vectorizes (``encode_batch + 1``), at least :data:`TASKS_PER_ACTOR`."""
+    from .engine import GPU_ENCODE_BATCH
+
+    encode_batch = config.encode_batch or (GPU_ENCODE_BATCH if on_gpu else 1)
+    return max(TASKS_PER_ACTOR, encode_batch + 1)
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,8 @@ class _ActorFleet:
             threads = config.threads or max(1, cpus // workers)
             self.options = {"num_cpus": 1}
             self.config = EngineConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
+        self.tasks_per_actor = tasks_per_actor(self.config, gpus > 0)
+        self.options["max_concurrency"] = self.tasks_per_actor
         self.run_id = uuid.uuid4().hex[:8]
         self.actors = [self._new(i) for i in range(workers)]
 
@@ -223,7 +237,7 @@ def _run_on_ray(
     in_flight: dict[Any, tuple[int, Any, int]] = {}  # ref -> (slot, actor, task index)
 
     def submit(slot: int) -> None:
-        while pending and sum(1 for s, _, _ in in_flight.values() if s == slot) < TASKS_PER_ACTOR:
+        while pending and sum(1 for s, _, _ in in_flight.values() if s == slot) < fleet.tasks_per_actor:
             index, task = pending.popleft()
             attempts[index] += 1
             actor = fleet.actors[slot]

@@ -75,18 +75,26 @@ class RunSummary:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write as indented JSON, atomically (temp file in the same directory, then rename)."""
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, indent=2, ensure_ascii=False, default=_json_default)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return write_json_atomic(self.to_dict(), path)
+
+
+def write_json_atomic(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as indented UTF-8 JSON: temp file in the same directory, fsync, rename.
+
+    A failure leaves any previous file unchanged and no temporary file behind.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False, default=_json_default)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _json_default(value: Any) -> Any:

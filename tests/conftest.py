@@ -19,7 +19,9 @@ FIELDS = SHARED / "data" / "fields"
 WEIGHTS = SHARED / "weights" / "mobile_sam.pt"
 
 os.environ["SAM_GEO_OFFLINE"] = "1"
-os.environ.setdefault("SAM_GEO_WEIGHTS_DIR", str(SHARED / "weights"))
+# Relative paths (CI passes ``../shared/weights``) are made absolute, so subprocesses and
+# notebook kernels started from another working directory find the same weights.
+os.environ["SAM_GEO_WEIGHTS_DIR"] = str(Path(os.environ.get("SAM_GEO_WEIGHTS_DIR", SHARED / "weights")).resolve())
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 

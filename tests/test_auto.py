@@ -22,7 +22,7 @@ from rasterio.features import rasterize
 
 from conftest import make_raster
 from sam_geo import segment_auto
-from sam_geo.auto import AutoParams, grid_points
+from sam_geo.auto import AutoParams, grid_points, scene_work_dir_name
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from sam_geo.errors import ConfigError, OutputExistsError
 from sam_geo.runtime import RuntimeOptions
@@ -384,3 +384,39 @@ def test_segment_auto_refuses_bad_settings_before_work(shapes_scene: Path, tmp_p
     labels.write_text("")
     with pytest.raises(OutputExistsError, match="labels raster"):
         segment_auto(shapes_scene, labels_raster=labels)
+
+
+def test_cli_auto_several_scenes_with_a_preset_merge_and_resume(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Two one-tile scenes in different UTM zones -> one layer in the first one's CRS."""
+    shapes = [shapely.box(40, 40, 120, 120), shapely.Point(180, 180).buffer(40)]
+    first = paint_scene(tmp_path / "a.tif", shapes, (256, 256))
+    second = paint_scene(tmp_path / "b.tif", shapes, (256, 256), crs="EPSG:32644")
+    listing = tmp_path / "scenes.txt"
+    listing.write_text(f"{first}\n{second}\n")
+    preset = tmp_path / "auto.yaml"
+    preset.write_text("auto:\n  points_per_side: 4\n  tile_size: 256\n  overlap: 48\n  min_area: 100\n"
+                      "  max_area: 10000\n  workers: 0\n")
+    out, work = tmp_path / "objects.geojson", tmp_path / "work"
+    args = ["auto", str(listing), "-o", str(out), "--config", str(preset), "--work-dir", str(work), "--no-progress"]
+    assert main(args) == EXIT_OK
+    gdf = gpd.read_file(out).to_crs("EPSG:32645")
+    assert sorted(gdf.scene.unique()) == sorted([str(first), str(second)])
+    truth = [to_crs(s, NORTH_UP) for s in shapes]
+    for scene, crs in ((first, "EPSG:32645"), (second, "EPSG:32644")):
+        found = gpd.GeoSeries(gdf[gdf.scene == str(scene)].geometry.to_numpy(), crs="EPSG:32645").to_crs(crs)
+        assert_one_object_per_shape(found.to_numpy(), truth, min_iou=0.9)
+    assert sorted(p.name for p in work.iterdir()) == sorted(scene_work_dir_name(str(p)) for p in (first, second))
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == EXIT_OK  # resumed: no tile encoded again
+    err = capsys.readouterr().err
+    assert "(0 tiles encoded" in err and "2 resumed" in err
+    assert_geometries_equal(gpd.read_file(out).to_crs("EPSG:32645"), gdf)
+    preset.write_text("auto:\n  points_per_sid: 4\n")
+    assert main([*args, "--overwrite"]) == EXIT_BAD_INPUT
+    assert "auto.points_per_sid" in capsys.readouterr().err
+
+
+def assert_geometries_equal(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
+    assert len(a) == len(b)
+    assert all(x.equals_exact(y, 1e-6) for x, y in zip(a.geometry, b.geometry))

@@ -93,3 +93,112 @@ def test_prompts_move_into_tile_pixels_with_zoom() -> None:
     np.testing.assert_allclose(moved.points[0, 0], [(320 - ox) * 2, (330 - oy) * 2])
     assert shapely.from_wkb(moved.masks[0]).area == pytest.approx(2400 * 4)
     assert moved.areas[0] == pytest.approx(2400 * 4)
+
+
+# --- encoder batching and autocast -------------------------------------------------------
+
+
+def test_encode_batcher_gathers_concurrent_tiles_and_hands_back_each_result() -> None:
+    import threading
+
+    from sam_geo.engine import EncodeBatcher
+
+    calls: list[list[int]] = []
+
+    def encode_many(rgbs: list[np.ndarray]) -> list[int]:
+        calls.append([int(r[0, 0, 0]) for r in rgbs])
+        return [int(r[0, 0, 0]) * 10 for r in rgbs]
+
+    batcher = EncodeBatcher(encode_many, max_batch=3, max_wait_s=0.5)
+    results: dict[int, int] = {}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, batcher.encode(np.full((2, 2, 3), k))))
+               for k in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert results == {k: k * 10 for k in range(5)}  # every caller gets its own tile's result
+    assert sorted(batcher.batch_sizes, reverse=True) == [3, 2] and sum(len(c) for c in calls) == 5
+
+
+def test_encode_batcher_hands_an_exception_to_every_caller_of_the_batch() -> None:
+    from sam_geo.engine import EncodeBatcher
+
+    def broken(rgbs: list[np.ndarray]) -> list[int]:
+        raise RuntimeError("CUDA out of memory")
+
+    batcher = EncodeBatcher(broken, max_batch=2, max_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batcher.encode(np.zeros((2, 2, 3)))
+
+
+@pytest.fixture(scope="module")
+def mobile_sam_segmenters():
+    """MobileSAM (real weights) in fp32, and in bf16 autocast with batched encoding."""
+    from conftest import WEIGHTS
+    from sam_geo.engine import EngineConfig, TileSegmenter
+
+    fp32 = TileSegmenter(EngineConfig("mobile_sam", str(WEIGHTS), device="cpu", precision="fp32"))
+    bf16 = TileSegmenter(EngineConfig("mobile_sam", str(WEIGHTS), device="cpu", precision="bf16", encode_batch=2))
+    return fp32, bf16
+
+
+def _scene_tile(seed: int) -> np.ndarray:
+    """A 256 px tile: a bright square on a noisy background."""
+    rgb = np.random.default_rng(seed).normal(100, 20, (256, 256, 3)).clip(0, 255).astype(np.uint8)
+    rgb[64:160, 80:200] = (230, 60, 40)
+    return rgb
+
+
+def test_batched_encoding_equals_one_tile_at_a_time(mobile_sam_segmenters) -> None:
+    fp32, _ = mobile_sam_segmenters
+    tiles = [_scene_tile(0), _scene_tile(1)[:200]]  # different shapes: each padded alone
+    together = fp32.backend.encode_many(tiles)
+    for rgb, (embedding, input_hw) in zip(tiles, together):
+        alone, alone_hw = fp32.backend.encode(rgb)
+        assert input_hw == alone_hw and embedding.shape == alone.shape == (1, 256, 64, 64)
+        torch.testing.assert_close(embedding, alone, atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_autocast_gives_the_fp32_mask(mobile_sam_segmenters) -> None:
+    """bf16 (on CPU here; the CUDA path is the same autocast) changes the mask by little."""
+    fp32, bf16 = mobile_sam_segmenters
+    rgb = _scene_tile(2)
+    box = PromptBatch(np.arange(1), np.array([[76.0, 60.0, 204.0, 164.0]]), np.zeros((1, 0, 2)),
+                      np.zeros((1, 0), np.int32))
+    masks = []
+    for segmenter in (fp32, bf16):
+        embedding, input_hw = segmenter.encode(rgb)
+        logits, scores = segmenter.decode(embedding, input_hw, rgb.shape[:2], box)
+        assert logits.dtype == torch.float32 and 0.5 < scores[0] <= 1.2
+        assert input_hw == (1024, 1024)  # the 256 px tile fills the model frame
+        full = F.interpolate(logits[:, None], (256, 256), mode="bilinear", align_corners=False)[0, 0]
+        masks.append((full > 0).numpy())
+    truth = np.zeros((256, 256), bool)
+    truth[64:160, 80:200] = True
+    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
+    assert iou(masks[0], truth) > 0.9 and iou(masks[1], masks[0]) > 0.95
+    assert bf16.autocast_dtype == torch.bfloat16 and bf16._batcher is not None and fp32._batcher is None
+
+
+def test_precision_resolution() -> None:
+    from sam_geo.engine import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("int8", cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: needs a GPU (CI has none; checked on the device machine)")
+def test_cuda_defaults_batch_tiles_under_autocast() -> None:
+    from conftest import WEIGHTS
+    from sam_geo.engine import GPU_ENCODE_BATCH, EngineConfig, TileSegmenter
+
+    segmenter = TileSegmenter(EngineConfig("mobile_sam", str(WEIGHTS), device="cuda"))
+    assert segmenter.encode_batch == GPU_ENCODE_BATCH and segmenter.autocast_dtype in (torch.bfloat16, torch.float16)
+    embedding, input_hw = segmenter.encode(_scene_tile(3))
+    assert embedding.is_cuda and input_hw == (1024, 1024)
