@@ -58,6 +58,7 @@ PRESET_KEYS = {  # preset / CLI names -> AutoParams fields
     "box_nms_thresh": "box_nms_thresh",
     "match_iou": "match_iou",
     "max_tile_fraction": "max_tile_fraction",
+    "nested_thresh": "nested_thresh",
 }
 
 

@@ -120,7 +120,11 @@ class AutoParams:
     GPU, 16 on CPU). ``match_iou``: IoU, inside the zone two tiles share, at which their
     pieces are one object (see :mod:`sam_geo.stitch`). ``max_tile_fraction``: masks
     covering more than this share of a tile are dropped as background (None keeps
-    them; objects larger than a tile need None or a value near 1).
+    them; objects larger than a tile need None or a value near 1). ``nested_thresh``:
+    of two masks of one tile nested in each other (at least this share of the smaller
+    one's area inside the larger), only the one with the higher predicted IoU is kept
+    (None: off, SAM's behaviour; 0.8 in ``configs/buildings.yaml``, where SAM's part and
+    whole masks of one roof would otherwise both come out).
     """
 
     points_per_side: int = 32
@@ -133,6 +137,7 @@ class AutoParams:
     points_per_batch: int | None = None
     match_iou: float = DEFAULT_MATCH_IOU
     max_tile_fraction: float | None = None
+    nested_thresh: float | None = None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first value out of range."""
@@ -158,6 +163,8 @@ class AutoParams:
             raise ConfigError(f"points per batch must be from 1 to 1024, got {self.points_per_batch}")
         if self.max_tile_fraction is not None and not 0.0 < self.max_tile_fraction <= 1.0:
             raise ConfigError(f"max tile fraction must be in (0, 1], got {self.max_tile_fraction}")
+        if self.nested_thresh is not None and not 0.0 < self.nested_thresh <= 1.0:
+            raise ConfigError(f"nested thresh must be in (0, 1], got {self.nested_thresh}")
 
 
 # --- tile task and result --------------------------------------------------------------
@@ -676,13 +683,22 @@ def _split_overrides(
     return merged, params
 
 
+DRIVER_ONLY_PARAMS = ("min_area_m2", "max_area_m2", "match_iou", "nested_thresh", "points_per_batch")
+"""AutoParams used only after the tiles come back (filters, stitching) or not changing
+results: a work dir made with other values is reused, and only the stitching reruns."""
+
+DRIVER_ONLY_SETTINGS = ("workers", "device", "batch_size", "encode_batch", "regularize_m")
+
+
 def _open_work_dir(path: str | os.PathLike[str], restart: bool, summary: RunSummary, info: SceneInfo) -> WorkDir:
+    settings = {k: v for k, v in summary.settings.items() if k not in DRIVER_ONLY_SETTINGS}
+    settings["auto"] = {k: v for k, v in settings["auto"].items() if k not in DRIVER_ONLY_PARAMS}
     fingerprint = {
         "sam_geo": __version__,
         "mode": summary.mode,
         "model": summary.model["name"],
         "weights_sha256": summary.model["weights_sha256"],
-        "settings": {k: v for k, v in summary.settings.items() if k not in ("workers", "device", "batch_size", "encode_batch")},
+        "settings": settings,
         "scenes": [fingerprint_file(info.path)],
     }
     return WorkDir(path, fingerprint, restart=restart)
@@ -722,6 +738,10 @@ def _stitched_frame(
     """Stitch the tiles' pieces, clean and filter by area, number the objects."""
     tile_of = {t.key: t.tile for t in tasks}
     parts = [(tile_of[r.tile_key], r.objects) for r in results if not r.error and r.tile_key in tile_of]
+    if params.nested_thresh is not None:
+        before = sum(len(pieces) for _, pieces in parts)
+        parts = [(tile, suppress_nested(pieces, params.nested_thresh)) for tile, pieces in parts]
+        summary.objects["nested_suppressed"] = before - sum(len(pieces) for _, pieces in parts)
     objects = stitch(parts, match_iou=params.match_iou, nms_iou=params.box_nms_thresh)
     geoms = _drop_small_parts(objects.geometry, _min_area_in_crs_units(info, settings.min_area_m2))
     area = geometry_area_m2(list(geoms), info.crs) if len(geoms) else np.zeros(0)
@@ -729,7 +749,7 @@ def _stitched_frame(
     if params.max_area_m2 is not None:
         keep &= area <= params.max_area_m2
     rows = np.flatnonzero(keep)
-    summary.objects = {**objects.stats, "outside_area_range": int(len(objects) - len(rows))}
+    summary.objects = {**summary.objects, **objects.stats, "outside_area_range": int(len(objects) - len(rows))}
     summary.features = len(rows)
     kept: StitchedObjects = objects.take(rows)
     frame = {
@@ -740,6 +760,31 @@ def _stitched_frame(
         "n_tiles": kept.n_tiles.astype(np.int64),
     }
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(geoms[rows]), crs=info.crs), crs=info.crs)
+
+
+def suppress_nested(pieces: list[Piece], threshold: float) -> list[Piece]:
+    """Of every two pieces (of one tile) nested in each other, keep the higher-scored.
+
+    Two pieces are nested when at least ``threshold`` (0-1] of the smaller one's area
+    lies inside the larger (SAM's sub-part, part and whole masks of one object). The one
+    with the lower predicted IoU is dropped (on a tie, the smaller). Candidate pairs come
+    from an STR-tree, so the cost grows with the pairs that touch, not with n^2.
+    """
+    if len(pieces) < 2:
+        return list(pieces)
+    geoms = shapely.from_wkb([p.wkb for p in pieces])
+    area = shapely.area(geoms)
+    score = np.array([p.score for p in pieces])
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    once = left < right
+    left, right = left[once], right[once]
+    shared = shapely.area(shapely.intersection(geoms[left], geoms[right]))
+    nested = shared >= threshold * np.minimum(area[left], area[right])
+    left, right = left[nested], right[nested]
+    left_wins = (score[left] > score[right]) | ((score[left] == score[right]) & (area[left] >= area[right]))
+    drop = np.zeros(len(pieces), dtype=bool)
+    drop[np.where(left_wins, right, left)] = True
+    return [piece for piece, dropped in zip(pieces, drop) if not dropped]
 
 
 def _drop_small_parts(geoms: np.ndarray, min_area: float) -> np.ndarray:

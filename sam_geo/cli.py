@@ -162,6 +162,9 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
               help="Keep masks whose predicted IoU is above this.")
 @click.option("--stability-thresh", type=click.FloatRange(0, 1, max_open=True), default=0.95, show_default=True,
               help="Keep masks whose stability score is at least this.")
+@click.option("--nested-thresh", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Of two masks nested in each other (this share of the smaller inside the larger), keep only "
+                   "the higher-scored; e.g. 0.8 for buildings (default: off).")
 @click.option("--max-area", type=click.FloatRange(0, min_open=True), default=None,
               help="Drop objects larger than this, m^2 (after stitching; --min-area drops smaller ones).")
 @click.option("--labels-raster", type=click.Path(dir_okay=False), default=None,
@@ -178,12 +181,14 @@ def auto(ctx: click.Context, **kwargs: Any) -> None:
     """
     _apply_config(ctx, "auto")
     params = dict(ctx.params)
+    from .api import DEFAULT_MIN_AREA_M2
     from .auto import AutoParams, segment_auto
     from .runtime import RuntimeOptions
 
     if params["output"] is None:
         raise click.UsageError("give an output file with -o/--output (.geojson, .gpkg or .parquet)")
-    extra = {k: params[k] for k in ("box_nms_thresh", "match_iou", "max_tile_fraction") if params.get(k) is not None}
+    extra = {k: params[k] for k in ("box_nms_thresh", "match_iou", "max_tile_fraction", "nested_thresh")
+             if params.get(k) is not None}
     auto_params = AutoParams(
         points_per_side=params["points_per_side"],
         pred_iou_thresh=params["pred_iou_thresh"],
@@ -198,7 +203,8 @@ def auto(ctx: click.Context, **kwargs: Any) -> None:
         output=params["output"],
         overwrite=params["overwrite"],
         params=auto_params,
-        settings=_settings_from(params),
+        # --min-area filters whole objects here; specks and holes go below the default only
+        settings=_settings_from({**params, "min_area": min(params["min_area"], DEFAULT_MIN_AREA_M2)}),
         runtime=RuntimeOptions(workers=params["workers"], address=params["address"], progress=params["progress"],
                                retries=params["retries"]),
         summary_path=params["summary_path"],

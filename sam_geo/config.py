@@ -70,6 +70,7 @@ class AutoSection(_CommandSection):
     box_nms_thresh: float | None = Field(default=None, gt=0, le=1)
     match_iou: float | None = Field(default=None, gt=0, le=1)
     max_tile_fraction: float | None = Field(default=None, gt=0, le=1)
+    nested_thresh: float | None = Field(default=None, gt=0, le=1)
 
 
 class TextSection(_CommandSection):

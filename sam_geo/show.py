@@ -7,8 +7,10 @@
 * :func:`html_map` writes a self-contained Leaflet map (folium): the same rendering,
   warped to Web Mercator, embedded as a base64 PNG data URI image overlay (no tile
   server needed), and the polygons as GeoJSON in EPSG:4326 with popups listing their
-  attributes. The page loads the Leaflet library itself from the CDN folium uses, so a
-  browser that never fetched it needs the internet once; the data is all in the file.
+  attributes. Leaflet itself (1.9.4, BSD-2-Clause, vendored in ``sam_geo/_vendor``) is
+  inlined too, and folium's other CDN assets (jQuery, Bootstrap, marker icons) are left
+  out, so the page opens offline: it references no URL at all unless a ``basemap`` is
+  asked for.
 
 Both write atomically (temporary file next to the target, then rename) and refuse to
 replace an existing file unless ``overwrite=True``.
@@ -25,6 +27,7 @@ import base64
 import io
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -176,7 +179,28 @@ def html_map(
         _geojson_layer(layer, info, transform, rgb.shape[:2], colour).add_to(fmap)
         folium.LayerControl().add_to(fmap)
     fmap.fit_bounds([[south, west], [north, east]])
-    return _write_atomic(target, lambda tmp: fmap.save(str(tmp)), overwrite)
+    return _write_atomic(target, lambda tmp: Path(tmp).write_text(_offline_html(fmap), encoding="utf-8"), overwrite)
+
+
+_VENDOR = Path(__file__).resolve().parent / "_vendor" / "leaflet"
+_LEAFLET_JS_URL = "sam-geo-vendored:leaflet.js"
+_LEAFLET_CSS_URL = "sam-geo-vendored:leaflet.css"
+
+
+def _offline_html(fmap: Any) -> str:
+    """The map's HTML with Leaflet inlined and no other script or stylesheet URL."""
+    fmap.default_js = [("leaflet", _LEAFLET_JS_URL)]
+    fmap.default_css = [("leaflet_css", _LEAFLET_CSS_URL)]
+    html = fmap.get_root().render()
+    js = (_VENDOR / "leaflet.js").read_text(encoding="utf-8")
+    css = (_VENDOR / "leaflet.css").read_text(encoding="utf-8")
+    html = re.sub(r'<script src="' + re.escape(_LEAFLET_JS_URL) + r'"></script>',
+                  lambda _: f"<script>{js}</script>", html)
+    html = re.sub(r'<link rel="stylesheet" href="' + re.escape(_LEAFLET_CSS_URL) + r'"\s*/?>',
+                  lambda _: f"<style>{css}</style>", html)
+    if _LEAFLET_JS_URL in html or _LEAFLET_CSS_URL in html:  # folium changed its template
+        raise RuntimeError("could not inline Leaflet into the HTML map; please report this with your folium version")
+    return html
 
 
 def render_scene(

@@ -412,6 +412,9 @@ def test_cli_auto_several_scenes_with_a_preset_merge_and_resume(tmp_path: Path,
     err = capsys.readouterr().err
     assert "(0 tiles encoded" in err and "2 resumed" in err
     assert_geometries_equal(gpd.read_file(out).to_crs("EPSG:32645"), gdf)
+    # filters applied after the tiles come back reuse the tiles: only the stitching reruns
+    assert main([*args, "--overwrite", "--nested-thresh", "0.8", "--max-area", "5000"]) == EXIT_OK
+    assert "(0 tiles encoded" in capsys.readouterr().err
     preset.write_text("auto:\n  points_per_sid: 4\n")
     assert main([*args, "--overwrite"]) == EXIT_BAD_INPUT
     assert "auto.points_per_sid" in capsys.readouterr().err
@@ -420,3 +423,20 @@ def test_cli_auto_several_scenes_with_a_preset_merge_and_resume(tmp_path: Path,
 def assert_geometries_equal(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
     assert len(a) == len(b)
     assert all(x.equals_exact(y, 1e-6) for x, y in zip(a.geometry, b.geometry))
+
+
+def test_nested_masks_keep_the_higher_scored_one_only() -> None:
+    from sam_geo.auto import suppress_nested
+
+    def piece(geom: shapely.Geometry, score: float) -> Piece:
+        return Piece(shapely.to_wkb(geom), score, 0.97, (0.0, 0.0, 1.0, 1.0))
+
+    whole = piece(shapely.box(0, 0, 10, 10), 0.90)
+    part = piece(shapely.box(1, 1, 5, 5), 0.95)  # inside the whole, better scored: wins
+    roof = piece(shapely.box(20, 0, 30, 10), 0.97)
+    fixture = piece(shapely.box(21, 1, 23, 3), 0.93)  # inside the roof, worse scored: dropped
+    neighbour = piece(shapely.box(8, 8, 18, 18), 0.91)  # overlaps the whole by 4 %: not nested
+    kept = suppress_nested([whole, part, roof, fixture, neighbour], 0.8)
+    assert kept == [part, roof, neighbour]
+    assert suppress_nested([whole, part], 1.0) == [part]  # fully inside also counts at 1.0
+    assert suppress_nested([], 0.8) == [] and suppress_nested([whole], 0.8) == [whole]

@@ -140,6 +140,9 @@ def test_html_map_embeds_the_scene_and_the_polygons(scene: Path, layer: gpd.GeoD
         assert np.abs(numbers - lon).min() < 2e-7 and np.abs(numbers - lat).min() < 2e-7
     assert "house-1" in html and "height_m" in html  # attributes for the popups
     assert "tile.openstreetmap" not in html  # no basemap unless asked
+    # opens offline: Leaflet inlined, no script or stylesheet fetched from anywhere
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", html)
+    assert "Leaflet 1.9.4" in html and "L.map(" in html and ".leaflet-container" in html
 
 
 def test_cli_show_writes_png_and_html(scene: Path, layer: gpd.GeoDataFrame, tmp_path: Path) -> None:
