@@ -32,7 +32,10 @@ from .prompts import (
     PromptMode,
     PromptSet,
     TilePlan,
+    GroupPoints,
+    add_group_points,
     add_negative_points,
+    group_prompt_rows,
     build_prompts,
     negative_points_in_pixels,
     no_usable_prompts,
@@ -125,6 +128,8 @@ def segment(
     restart: bool = False,
     max_failed_tiles: int = 0,
     negative_points: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
+    group_column: str | None = None,
+    label_column: str | None = None,
     **setting_overrides: Any,
 ) -> gpd.GeoDataFrame:
     """Segment the objects a vector layer points at, over one or several whole scenes.
@@ -148,6 +153,9 @@ def segment(
 
     ``negative_points``: a point layer (any CRS); each point is added as a negative
     point to every prompt near it (:func:`~sam_geo.prompts.add_negative_points`).
+    ``group_column`` (and ``label_column``, 1 positive / 0 negative): rows sharing a
+    group value are one object with several points, and a box when the group has a
+    polygon (:func:`~sam_geo.prompts.group_prompt_rows`); one output row per group.
 
     ``output`` (``.geojson``, ``.gpkg``, ``.parquet``) is written atomically and never
     overwritten unless ``overwrite``. Keyword arguments not listed are fields of
@@ -181,8 +189,14 @@ def segment(
             f"id column {id_column!r} is not in the prompt layer; its columns are: "
             + ", ".join(map(str, frame.columns.drop(frame.geometry.name)))
         )
+    group_points = None
+    if group_column is not None:
+        frame, group_points = group_prompt_rows(frame, group_column, label_column)
+        id_column = id_column or group_column
+    elif label_column is not None:
+        raise ConfigError("a label column needs a group column naming which object each point belongs to")
     negatives = read_prompt_layer(negative_points) if negative_points is not None else None
-    jobs, outside, invalid = _plan_scenes(infos, frame, settings, prompt_as, negatives)
+    jobs, outside, invalid = _plan_scenes(infos, frame, settings, prompt_as, negatives, group_points)
     if not jobs:  # nothing to segment: almost always a CRS or extent mistake
         source = "the prompt GeoDataFrame" if isinstance(prompts, gpd.GeoDataFrame) else str(prompts)
         raise no_usable_prompts(source, frame, [(i.path, i.crs, tuple(i.bounds)) for i in infos], outside, invalid)
@@ -212,6 +226,7 @@ def segment(
         "workers": runtime.workers,
     }
     summary.settings["negative_points"] = None if negatives is None else _geometry_digest(negatives)
+    summary.settings["group_points"] = None if group_points is None else _points_digest(group_points)
     tasks = [TileTask(job.scene, job.stretch, tile, batch) for job in jobs for tile, batch in job.plan.tiles]
     summary.tiles.planned = len(tasks)
     store = _open_work_dir(work_dir, restart, summary, infos, frame, prompt_as) if work_dir else None
@@ -287,6 +302,7 @@ def _plan_scenes(
     settings: SegmentSettings,
     prompt_as: PromptMode,
     negatives: gpd.GeoDataFrame | None = None,
+    group_points: GroupPoints | None = None,
 ) -> tuple[list[SceneJob], tuple[int, ...], tuple[int, ...]]:
     """Give each prompt to the first scene it intersects; plan each scene's tiles."""
     jobs: list[SceneJob] = []
@@ -302,6 +318,10 @@ def _plan_scenes(
         remaining = remaining.loc[list(prompt_set.outside)]
         if len(prompt_set.batch) == 0:
             continue
+        if group_points is not None:
+            prompt_set = replace(
+                prompt_set, batch=add_group_points(prompt_set.batch, group_points, info.crs, info.transform)
+            )
         if negatives is not None:
             negative_xy = negative_points_in_pixels(negatives, info.crs, info.transform)
             prompt_set = replace(prompt_set, batch=add_negative_points(prompt_set.batch, negative_xy))
@@ -489,6 +509,12 @@ def _assemble(
     gdf["area_m2"] = geometry_area_m2(gdf.geometry, out_crs) if len(gdf) else np.zeros(0)
     summary.features = len(gdf)
     return gdf
+
+
+def _points_digest(group: GroupPoints) -> str:
+    """A digest of grouped prompts' points and labels (for the work-dir fingerprint)."""
+    parts = [np.ascontiguousarray(a).tobytes() for k in sorted(group.points) for a in group.points[k]]
+    return digest(*parts)
 
 
 def _regularize(gdf: gpd.GeoDataFrame, tolerance_m: float, summary: RunSummary) -> gpd.GeoDataFrame:

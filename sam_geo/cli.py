@@ -107,6 +107,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
               show_default=True,
               help="How features become prompts (auto: points as points, polygons as boxes; mask: to refine outdated "
                    "outlines, the box grown 25%, a point and the polygon as SAM's mask input).")
+@click.option("--group-column", default=None,
+              help="Attribute naming the object each row belongs to: rows sharing it are one prompt "
+                   "(several points, plus a box when the group has a polygon).")
+@click.option("--label-column", default=None,
+              help="With --group-column: attribute holding 1 (positive) or 0 (negative) for point rows.")
 @click.option("--negative-points", default=None,
               help="Point layer of negative points; each joins every prompt whose box it lies near.")
 @click.option("--box-grow", type=float, default=None,
@@ -150,6 +155,8 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
         restart=params["restart"],
         max_failed_tiles=params["max_failed_tiles"],
         negative_points=params["negative_points"],
+        group_column=params["group_column"],
+        label_column=params["label_column"],
     )
     _report(gdf.attrs["summary"])
 

@@ -57,6 +57,8 @@ class SegmentSection(_CommandSection):
     multimask: bool | None = None
     box_grow: float | None = Field(default=None, ge=0, le=2)
     negative_points: str | None = None
+    group_column: str | None = None
+    label_column: str | None = None
     id_column: str | None = None
 
 

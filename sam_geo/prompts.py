@@ -28,7 +28,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import geopandas as gpd
 import numpy as np
@@ -483,3 +483,131 @@ def _clip(box: PixelBox, scene: PixelBox) -> PixelBox:
         min(box.row_stop, scene.row_stop),
         min(box.col_stop, scene.col_stop),
     )
+
+
+# --- several points per object -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupPoints:
+    """Points of grouped prompts (:func:`group_prompt_rows`), in the layer's CRS.
+
+    ``points[prompt_index]`` is ``(xy (k, 2), labels (k,))``: 1 positive, 0 negative.
+    """
+
+    crs: Any
+    points: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def group_prompt_rows(
+    frame: gpd.GeoDataFrame, group_column: str, label_column: str | None = None
+) -> tuple[gpd.GeoDataFrame, GroupPoints]:
+    """One prompt per value of ``group_column``: several points (and a box) per object.
+
+    Rows that share a value of ``group_column`` are one object: at most one polygon row
+    (its box, or whatever ``--prompt-as`` makes of it) and any number of point rows,
+    positive where ``label_column`` is 1 and negative where it is 0 (all positive when
+    ``label_column`` is None). The object keeps the attributes of its polygon row, else
+    of its first positive point row; its geometry is that polygon, else the MultiPoint
+    of its positive points. Rows whose group value is missing are errors, as are label
+    values other than 0/1, two polygons in a group and a group without a polygon or a
+    positive point. Returns the grouped frame (``prompt_index`` 0..n-1 in order of first
+    appearance) and the points to add to each prompt (:func:`add_group_points`).
+    """
+    for column in (group_column, label_column):
+        if column is not None and column not in frame.columns:
+            raise PromptError(
+                f"column {column!r} is not in the prompt layer; its columns are: "
+                + ", ".join(map(str, frame.columns.drop(frame.geometry.name)))
+            )
+    if frame[group_column].isna().any():
+        rows = np.flatnonzero(frame[group_column].isna().to_numpy())[:5].tolist()
+        raise PromptError(f"prompt rows {rows} have no value in the group column {group_column!r}; give every row one")
+    labels = _point_labels(frame, label_column)
+    kinds = frame.geometry.geom_type.fillna("None").to_numpy()
+    is_area = np.isin(kinds, list(_AREA_TYPES))
+    is_point = np.isin(kinds, list(_POINT_TYPES))
+    keep_rows: list[int] = []
+    geometries: list[shapely.Geometry] = []
+    points: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for group, rows in frame.groupby(group_column, sort=False).indices.items():
+        areas = [r for r in rows if is_area[r]]
+        point_rows = [r for r in rows if is_point[r]]
+        if len(areas) > 1:
+            raise PromptError(f"group {group!r} of {group_column!r} has {len(areas)} polygons; give one per object")
+        xy, lab = _group_points(frame, point_rows, labels)
+        positive = [r for r in point_rows if labels[r] == 1]
+        if not areas and not positive:
+            raise PromptError(
+                f"group {group!r} of {group_column!r} has neither a polygon nor a positive point; SAM needs one"
+            )
+        representative = areas[0] if areas else positive[0]
+        keep_rows.append(int(representative))
+        geometries.append(
+            frame.geometry.iloc[areas[0]] if areas
+            else shapely.multipoints(shapely.get_coordinates(frame.geometry.iloc[positive].to_numpy()))
+        )
+        points[len(keep_rows) - 1] = (xy, lab)
+    grouped = frame.iloc[keep_rows].copy()
+    grouped = grouped.set_geometry(gpd.GeoSeries(geometries, index=grouped.index, crs=frame.crs))
+    grouped.index = pd.RangeIndex(len(grouped), name="prompt_index")
+    return grouped, GroupPoints(frame.crs, points)
+
+
+def _point_labels(frame: gpd.GeoDataFrame, label_column: str | None) -> np.ndarray:
+    if label_column is None:
+        return np.ones(len(frame), dtype=np.int32)
+    values = pd.to_numeric(frame[label_column], errors="coerce").to_numpy()
+    bad = ~np.isin(values, [0, 1])
+    is_point = frame.geometry.geom_type.isin(list(_POINT_TYPES)).to_numpy()
+    if (bad & is_point).any():
+        found = sorted({str(v) for v in frame[label_column].to_numpy()[bad & is_point]})[:5]
+        raise PromptError(
+            f"label column {label_column!r} must hold 1 (positive) or 0 (negative) for point rows; found {found}"
+        )
+    return np.where(bad, 1, values).astype(np.int32)
+
+
+def _group_points(frame: gpd.GeoDataFrame, rows: list[int], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All points of a group's point rows (MultiPoints split) with their row's label."""
+    if not rows:
+        return np.zeros((0, 2)), np.zeros(0, dtype=np.int32)
+    geoms = shapely.force_2d(frame.geometry.iloc[rows].to_numpy())
+    xy, owner = shapely.get_coordinates(geoms, return_index=True)
+    return xy, labels[np.asarray(rows)[owner]]
+
+
+def add_group_points(
+    batch: PromptBatch, group: GroupPoints, scene_crs: CRS | str, scene_transform: Affine
+) -> PromptBatch:
+    """Give each prompt of ``batch`` its group's points (reprojected to scene pixels).
+
+    Box prompts keep their box (and surface point, if any) and gain every point of the
+    group; point-only prompts get exactly the group's points, positive and negative.
+    """
+    if len(batch) == 0:
+        return batch
+    transformer = None
+    if not CRS.from_user_input(group.crs).equals(CRS.from_user_input(scene_crs)):
+        from pyproj import Transformer
+
+        transformer = Transformer.from_crs(group.crs, scene_crs, always_xy=True)
+    inverse = ~scene_transform
+    per_prompt: list[tuple[np.ndarray, np.ndarray]] = []
+    for k in range(len(batch)):
+        xy, lab = group.points.get(int(batch.index[k]), (np.zeros((0, 2)), np.zeros(0, np.int32)))
+        if len(xy) and transformer is not None:
+            xy = np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
+        pixel = _apply_affine(inverse, xy) if len(xy) else xy
+        if batch.has_box[k]:
+            own = batch.labels[k] >= 0
+            pixel = np.concatenate([batch.points[k][own], pixel])
+            lab = np.concatenate([batch.labels[k][own], lab])
+        per_prompt.append((pixel, lab))
+    width = max(1, max(len(lab) for _, lab in per_prompt))
+    points = np.zeros((len(batch), width, 2))
+    labels = np.full((len(batch), width), -1, dtype=np.int32)
+    for k, (xy, lab) in enumerate(per_prompt):
+        points[k, : len(lab)] = xy
+        labels[k, : len(lab)] = lab
+    return batch.replace(points=points, labels=labels)

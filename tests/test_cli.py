@@ -144,3 +144,40 @@ def test_console_script_reports_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_BAD_INPUT
     assert str(not_a_raster) in proc.stderr and "Traceback" not in proc.stderr
     np.testing.assert_equal(list(tmp_path.glob("o.gpkg*")), [])
+
+
+def test_segment_grouped_points_one_row_per_object(small_scene, tmp_path: Path, capsys) -> None:
+    """Two positive points inside each of the three largest buildings and one negative
+    point 3 m outside it: one output row per object, on its building, off the negative.
+    (Points alone often give a roof part rather than the whole roof: boxes are the
+    default for polygons for that reason.)"""
+    import shapely
+
+    scene, prompts = small_scene
+    buildings = gpd.read_file(prompts).to_crs(32645)
+    buildings = buildings.assign(area=buildings.area).nlargest(3, "area")
+    others = buildings.union_all()
+    rows = []
+    for k, (_, building) in enumerate(buildings.iterrows()):
+        inner = building.geometry.buffer(-1.0)
+        rows += [(f"obj{k}", 1, inner.representative_point()),
+                 (f"obj{k}", 1, shapely.Point(shapely.get_coordinates(inner.exterior)[0]).buffer(0.5).centroid)]
+        ring = building.geometry.buffer(3.0).exterior
+        outside = next(shapely.Point(xy) for xy in shapely.get_coordinates(ring.segmentize(1.0))
+                       if not others.buffer(1.0).contains(shapely.Point(xy)))
+        rows.append((f"obj{k}", 0, outside))
+    layer = gpd.GeoDataFrame({"obj": [r[0] for r in rows], "label": [r[1] for r in rows]},
+                             geometry=[r[2] for r in rows], crs=32645)
+    path, out = tmp_path / "grouped.gpkg", tmp_path / "grouped_out.gpkg"
+    layer.to_file(path)
+    code, err = run_cli(["segment", str(scene), "--prompts", str(path), "--group-column", "obj", "--label-column",
+                         "label", "-o", str(out), "--workers", "0", "--no-progress"], capsys)
+    assert code == EXIT_OK, err
+    result = gpd.read_file(out).to_crs(32645).set_index("obj")
+    assert sorted(result.index) == ["obj0", "obj1", "obj2"]
+    for k, (_, building) in enumerate(buildings.iterrows()):
+        geom = result.loc[f"obj{k}", "geometry"]
+        positives = layer[(layer.obj == f"obj{k}") & (layer.label == 1)].geometry
+        negative = layer[(layer.obj == f"obj{k}") & (layer.label == 0)].geometry.iloc[0]
+        assert geom.intersection(building.geometry).area / geom.area >= 0.7  # on its building (maybe a roof part)
+        assert positives.within(geom.buffer(0.3)).all() and not geom.contains(negative)

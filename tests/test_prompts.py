@@ -186,3 +186,74 @@ def test_negative_points_join_only_nearby_prompts() -> None:
     point_prompt = out.labels[2]
     assert (point_prompt == 1).sum() == 1 and (point_prompt == 0).sum() == 1
     np.testing.assert_allclose(out.points[2][point_prompt == 0][0], [505, 505])
+
+
+# --- several points per object (group and label columns) -----------------------------
+
+
+def grouped_layer(crs: str = SCENE_CRS) -> gpd.GeoDataFrame:
+    """Object "a": a polygon, a positive and a negative point; object "b": two positive
+    points (one row a MultiPoint) and a negative one; rows interleaved."""
+    layer = frame(
+        [
+            Point(scene_xy(110, 210)), pixel_box(100, 200, 140, 260), Point(scene_xy(600, 700)),
+            Point(scene_xy(150, 230)), shapely.MultiPoint([scene_xy(610, 705), scene_xy(620, 710)]),
+            Point(scene_xy(640, 700)),
+        ],
+        obj=["a", "a", "b", "a", "b", "b"],
+        label=[1, 1, 1, 0, 1, 0],
+        name=["a-pt", "a-roof", "b-first", "a-neg", "b-more", "b-neg"],
+    )
+    return layer.to_crs(crs)
+
+
+@pytest.mark.parametrize("layer_crs", [SCENE_CRS, "EPSG:4326"])
+def test_grouped_rows_become_one_prompt_with_all_their_points(layer_crs: str) -> None:
+    from sam_geo.prompts import add_group_points, group_prompt_rows
+
+    grouped, points = group_prompt_rows(grouped_layer(layer_crs), "obj", "label")
+    assert list(grouped["name"]) == ["a-roof", "b-first"]  # the polygon row, else the first positive point
+    assert list(grouped.index) == [0, 1] and grouped.index.name == "prompt_index"
+    prompts = build_prompts(grouped, SCENE_CRS, SCENE_TRANSFORM, SCENE_SHAPE)
+    batch = add_group_points(prompts.batch, points, SCENE_CRS, SCENE_TRANSFORM)
+    np.testing.assert_allclose(batch.boxes[0], [100, 200, 140, 260], atol=1e-3)
+    a = batch.labels[0] >= 0
+    np.testing.assert_allclose(batch.points[0][a], [[110, 210], [150, 230]], atol=1e-3)
+    assert batch.labels[0][a].tolist() == [1, 0]
+    assert np.isnan(batch.boxes[1]).all()
+    b = batch.labels[1] >= 0
+    np.testing.assert_allclose(batch.points[1][b], [[600, 700], [610, 705], [620, 710], [640, 700]], atol=1e-3)
+    assert batch.labels[1][b].tolist() == [1, 1, 1, 0]
+    extent = prompt_extent(batch, 1)  # the negative point lies in the decode window too
+    assert extent.col_stop >= 640 and extent.col_start <= 600
+
+
+def test_grouped_rows_without_labels_are_all_positive() -> None:
+    from sam_geo.prompts import group_prompt_rows
+
+    _, points = group_prompt_rows(grouped_layer(), "obj")
+    assert all((lab == 1).all() for _, lab in points.points.values())
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"obj": ["a", "a", "b", "a", None, "b"]}, "no value in the group column"),
+        ({"label": [1, 1, 1, 0, 2, 0]}, "must hold 1 \\(positive\\) or 0"),
+        ({"label": [1, 1, 0, 0, 0, 0]}, "neither a polygon nor a positive point"),
+        ({"geometry": "two polygons"}, "has 2 polygons"),
+    ],
+)
+def test_grouped_layer_mistakes_are_named(change: dict, needle: str) -> None:
+    from sam_geo.prompts import group_prompt_rows
+
+    layer = grouped_layer()
+    if change.get("geometry"):
+        layer.loc[0, "geometry"] = pixel_box(0, 0, 10, 10)
+    else:
+        for column, values in change.items():
+            layer[column] = values
+    with pytest.raises(PromptError, match=needle):
+        group_prompt_rows(layer, "obj", "label")
+    with pytest.raises(PromptError, match="column 'objekt' is not in the prompt layer"):
+        group_prompt_rows(layer, "objekt")
