@@ -6,7 +6,8 @@ one matching at IoU >= 0.5, greedy by IoU, SpaceNet style; predictions filtered 
 
 * **stitched**: the output of :func:`sam_geo.segment_auto`;
 * **per tile, no stitching**: the same tiles' masks, each tile keeping what lies in its
-  core, clipped there (what a tiled pipeline without stitching produces);
+  core, clipped there (what a tiled pipeline without stitching produces), with the same
+  nested-mask suppression and area range as the stitched run;
 
 with seconds per tile and the number of polygons cut along tile seams (boundary running
 for at least 1 m within half a pixel of a read-window or core edge that faces another
@@ -34,7 +35,7 @@ import shapely
 from rasterio.windows import Window
 
 from _common import BANEPA, WEIGHTS
-from sam_geo.auto import AutoParams, segment_auto
+from sam_geo.auto import AutoParams, segment_auto, suppress_nested
 from sam_geo.config import load_config, section_values
 from sam_geo.evaluate import evaluate
 from sam_geo.raster import open_scene
@@ -105,18 +106,27 @@ def tiles_by_key(grid: TileGrid) -> dict[str, Tile]:
     return {tile.key: tile for tile in grid}
 
 
-def per_tile_frame(results: list[Any], grid: TileGrid, crs: Any) -> gpd.GeoDataFrame:
-    """No stitching: every tile keeps its masks clipped to its core."""
+def per_tile_frame(results: list[Any], grid: TileGrid, crs: Any, params: AutoParams) -> gpd.GeoDataFrame:
+    """No stitching: every tile keeps its masks clipped to its core, with the same
+    per-tile filters (nested suppression) and area range as the stitched run."""
     tiles = tiles_by_key(grid)
     geoms: list[shapely.Geometry] = []
     for result in results:
         tile = tiles[result.tile_key.split("-", 1)[1]]
         core = core_polygon(tile)
-        for piece in result.objects:
+        pieces = result.objects
+        if params.nested_thresh is not None:
+            pieces = suppress_nested(pieces, params.nested_thresh)
+        for piece in pieces:
             clipped = shapely.intersection(shapely.from_wkb(piece.wkb), core)
             if shapely.area(clipped) > 0:
                 geoms.append(clipped)
-    return gpd.GeoDataFrame(geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
+    frame = gpd.GeoDataFrame(geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
+    area = geometry_area_m2(frame.geometry, crs) if len(frame) else np.zeros(0)
+    keep = area >= params.min_area_m2
+    if params.max_area_m2 is not None:
+        keep &= area <= params.max_area_m2
+    return frame[keep]
 
 
 def core_polygon(tile: Tile) -> shapely.Geometry:
@@ -190,7 +200,7 @@ def main() -> None:
     truth = load_truth(scene)
     info = open_scene(scene)
     grid = TileGrid(info.height, info.width, info.transform, args.tile_size, args.overlap)
-    per_tile = per_tile_frame(tile_results(args.work_dir), grid, info.crs)
+    per_tile = per_tile_frame(tile_results(args.work_dir), grid, info.crs, params)
     seconds, tiles = summary["seconds"], max(summary["tiles"]["processed"], 1)
     model_seconds = sum(seconds.get(k, 0.0) for k in ("read", "encode", "decode", "vectorize"))
     print(f"scene {scene} ({info.width} x {info.height} px), {len(grid)} tiles of {args.tile_size} px, "

@@ -3,7 +3,7 @@
 Prints per-building IoU figures against ``buildings_utm45n.geojson`` (a building with no
 output counts as 0) and the run summary's stage seconds.
 
-    python benchmarks/prompted_banepa.py [--prompt-as box|box+point|point] [--workers N]
+    python benchmarks/prompted_banepa.py [--prompt-as box|box+point|point] [--workers N] [--output out.gpkg]
 
 Also prints the same figures, plus SpaceNet-style F1 (``sam_geo.evaluate``), for the
 outlines after ``regularize_buildings`` at 0.5 and 1.0 m tolerance, so ``--regularize``
@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompt-as", default="auto")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--output", default=None, help="also write the polygons here (.gpkg, .geojson, .parquet)")
     args = parser.parse_args()
     prompts = gpd.read_file(BANEPA / "osm_buildings_4326.geojson")
     if args.prompt_as == "point":
@@ -42,6 +43,8 @@ def main() -> None:
         id_column="osm_id",
         weights=str(WEIGHTS),
         runtime=RuntimeOptions(workers=args.workers, progress=False),
+        output=args.output,
+        overwrite=args.output is not None,
     )
     wall = time.perf_counter() - start
     truth = gpd.read_file(BANEPA / "buildings_utm45n.geojson")

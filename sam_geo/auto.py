@@ -71,7 +71,7 @@ from .engine import (
     timed,
 )
 from .errors import ConfigError, OutputError, OutputExistsError, RunError, WriteError
-from .models import resolve_weights
+from .models import get_spec, resolve_weights
 from .raster import SceneInfo, Stretch, compute_stretch, open_scene
 from .runtime import RuntimeOptions
 from .stitch import DEFAULT_MATCH_IOU, Piece, StitchedObjects, piece_from_geometry, stitch
@@ -603,6 +603,11 @@ def _segment_auto_scene(
     if max_failed_tiles < 0:
         raise ConfigError(f"max failed tiles must be >= 0, got {max_failed_tiles}")
     validate_tiling(settings.tile_size, settings.overlap)
+    if get_spec(settings.model).family == "sam2":
+        raise ConfigError(
+            f"automatic segmentation runs SAM and MobileSAM models; {settings.model!r} is a SAM 2.1 model. "
+            "Use --model mobile_sam (or vit_b, vit_l, vit_h)"
+        )
     if settings.overlap < MIN_OVERLAP_PX:
         raise ConfigError(
             f"automatic segmentation needs tiles that overlap by at least {MIN_OVERLAP_PX} px to stitch "

@@ -440,3 +440,8 @@ def test_nested_masks_keep_the_higher_scored_one_only() -> None:
     assert kept == [part, roof, neighbour]
     assert suppress_nested([whole, part], 1.0) == [part]  # fully inside also counts at 1.0
     assert suppress_nested([], 0.8) == [] and suppress_nested([whole], 0.8) == [whole]
+
+
+def test_automatic_mode_refuses_sam2_models_before_any_work(shapes_scene: Path) -> None:
+    with pytest.raises(ConfigError, match="SAM 2.1 model"):
+        segment_auto(shapes_scene, model="sam2.1_hiera_tiny")
