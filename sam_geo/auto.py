@@ -250,8 +250,7 @@ def run_auto_tile(task: AutoTileTask, segmenter: TileSegmenter) -> AutoTileResul
     result.points = len(points)
     if len(points) == 0:
         return result
-    with timed(seconds, "encode"):
-        embedding, input_hw = segmenter.encode(window.rgb)
+    embedding, input_hw = segmenter.encode(window.rgb, seconds)
     result.encoded = True
     frame = _Frame(window.valid.shape, input_hw)
     batch = task.params.points_per_batch or (

@@ -15,6 +15,7 @@ tile size.
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import Future
 import queue
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.env
 import rasterio.features
 import shapely
 import shapely.affinity
@@ -57,6 +59,12 @@ ENCODE_BATCH_WAIT_S = 0.02
 """Longest wait (seconds) for more tiles to fill an encoder batch once one tile is ready."""
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+GDAL_CACHE_MB = 256
+"""GDAL block cache of a model actor, MiB (``SAM_GEO_GDAL_CACHE_MB`` overrides). GDAL's
+default is 5 % of the machine's memory, which an actor reading a large scene fills
+tile after tile; a fixed cap keeps an actor's memory independent of the scene size.
+Tiles are read once each, so a larger cache buys nothing."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +334,7 @@ class TileSegmenter:
         self.device = torch.device(resolve_device(config.device))
         if config.threads:
             torch.set_num_threads(config.threads)
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", int(os.environ.get("SAM_GEO_GDAL_CACHE_MB", GDAL_CACHE_MB)))
         self.backend = build_backend(config.model, Path(config.weights), self.device, multimask=config.multimask)
         self._local = threading.local()  # dataset handles are per thread
         self._all_datasets: list[rasterio.DatasetReader] = []
@@ -335,7 +344,7 @@ class TileSegmenter:
         self.batch_size = config.batch_size or default_batch
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         self.encode_batch = config.encode_batch or (GPU_ENCODE_BATCH if self.device.type == "cuda" else 1)
-        self._batcher = EncodeBatcher(self._encode_many, self.encode_batch) if self.encode_batch > 1 else None
+        self._batcher = EncodeBatcher(self._encode_timed, self.encode_batch) if self.encode_batch > 1 else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -371,25 +380,45 @@ class TileSegmenter:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def encode(self, rgb: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    def encode(
+        self, rgb: np.ndarray, seconds: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """The tile's image embedding and resized (h, w); batched with other tasks'
-        tiles when ``encode_batch > 1`` (see :class:`EncodeBatcher`)."""
-        if self._batcher is not None:
-            return self._batcher.encode(rgb)
-        return self._encode_many([rgb])[0]
+        tiles when ``encode_batch > 1`` (see :class:`EncodeBatcher`).
 
-    def _encode_many(self, rgbs: list[np.ndarray]) -> list[tuple[Any, tuple[int, int]]]:
+        ``seconds["encode"]`` gains the encoder time of this tile (its share of a
+        batch), not the time spent waiting for the model or for a batch to fill.
+        """
+        if self._batcher is not None:
+            (embedding, input_hw), spent = self._batcher.encode(rgb)
+        else:
+            (embedding, input_hw), spent = self._encode_timed([rgb])[0]
+        if seconds is not None:
+            seconds["encode"] = seconds.get("encode", 0.0) + spent
+        return embedding, input_hw
+
+    def _encode_timed(self, rgbs: list[np.ndarray]) -> list[tuple[tuple[Any, tuple[int, int]], float]]:
+        """Encode tiles in one call; each output with its share of the call's seconds."""
         with self.model_call():
+            start = time.perf_counter()
             encode_many = getattr(self.backend, "encode_many", None)
-            if encode_many is not None:
-                return encode_many(rgbs)
-            return [self.backend.encode(rgb) for rgb in rgbs]
+            outputs = encode_many(rgbs) if encode_many is not None else [self.backend.encode(r) for r in rgbs]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            share = (time.perf_counter() - start) / len(rgbs)
+        return [(output, share) for output in outputs]
 
     def decode(
-        self, embedding: Any, input_hw: tuple[int, int], tile_hw: tuple[int, int], prompts: PromptBatch
+        self,
+        embedding: Any,
+        input_hw: tuple[int, int],
+        tile_hw: tuple[int, int],
+        prompts: PromptBatch,
+        seconds: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """Low-res logits (float32) and scores of a prompt batch, under the model lock."""
-        with self.model_call():
+        """Low-res logits (float32) and scores of a prompt batch, under the model lock;
+        ``seconds["decode"]`` gains the time the decoder ran (not the wait for it)."""
+        with self.model_call(), timed(seconds if seconds is not None else {}, "decode"):
             logits, scores = self.backend.decode(embedding, input_hw, tile_hw, prompts)
         return logits.float(), scores
 
@@ -440,12 +469,10 @@ class TileSegmenter:
             return result
         # The model lock is held per model call, so another task of this actor can read
         # or vectorize meanwhile, and only one batch of logits is alive at a time.
-        with timed(seconds, "encode"):
-            embedding, input_hw = self.encode(window.rgb)
+        embedding, input_hw = self.encode(window.rgb, seconds)
         result.encoded = True
         for part in _decode_batches(prompts, self.batch_size):
-            with timed(seconds, "decode"):
-                logits, scores = self.decode(embedding, input_hw, window.rgb.shape[:2], part)
+            logits, scores = self.decode(embedding, input_hw, window.rgb.shape[:2], part, seconds)
             with timed(seconds, "vectorize"):
                 result.results.extend(
                     self._vectorize(part, logits, scores, window.valid, tile, input_hw, window.rgb.shape[:2])

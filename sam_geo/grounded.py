@@ -105,13 +105,11 @@ def run_text_tile(segmenter: TileSegmenter, task: TextTileTask) -> TextTileResul
     boxes = found.boxes[keep]
     n = len(boxes)
     prompts = PromptBatch(np.arange(n), boxes, np.zeros((n, 0, 2)), np.zeros((n, 0), np.int32))
-    with timed(seconds, "encode"):
-        embedding, input_hw = segmenter.encode(window.rgb)
+    embedding, input_hw = segmenter.encode(window.rgb, seconds)
     result.encoded = True
     scores, labels = found.scores[keep], found.labels[keep]
     for part in _decode_batches(prompts, segmenter.batch_size):
-        with timed(seconds, "decode"):
-            logits, sam_scores = segmenter.decode(embedding, input_hw, window.rgb.shape[:2], part)
+        logits, sam_scores = segmenter.decode(embedding, input_hw, window.rgb.shape[:2], part, seconds)
         with timed(seconds, "vectorize"):
             polygons = segmenter._vectorize(part, logits, sam_scores, window.valid, tile, input_hw, window.rgb.shape[:2])
         for record in polygons:
