@@ -1,6 +1,10 @@
 """Mask-decoder milliseconds per prompt against one image embedding, by batch size.
 
-    python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam]
+Box prompts through ``SamBackend.decode`` (one mask each, as prompted mode), or with
+``--points`` single-point prompts with SAM's three masks (as automatic mode), under the
+autocast precision given (``auto``: what the engine picks on this device).
+
+    python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points]
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import time
 import numpy as np
 
 from _common import WEIGHTS
+from sam_geo.auto import _decode_points
 from sam_geo.engine import EngineConfig, TileSegmenter
 from sam_geo.prompts import PromptBatch
 
@@ -20,20 +25,33 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="mobile_sam")
     parser.add_argument("--sizes", default="1,2,4,8,16,64")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--points", action="store_true", help="point prompts, three masks each (automatic mode)")
     args = parser.parse_args()
-    segmenter = TileSegmenter(EngineConfig(args.model, str(WEIGHTS), device=args.device))
+    segmenter = TileSegmenter(EngineConfig(args.model, str(WEIGHTS), device=args.device, precision=args.precision))
+    print(f"{args.model} on {args.device}, autocast {segmenter.autocast_dtype}, "
+          f"{'points x 3 masks' if args.points else 'boxes'}")
     rgb = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
-    segmenter.backend.encode(rgb)
+    segmenter.encode(rgb)
     start = time.perf_counter()
-    embedding, input_hw = segmenter.backend.encode(rgb)
+    embedding, input_hw = segmenter.encode(rgb)
     print(f"encode 1024 x 1024: {time.perf_counter() - start:.2f} s")
     for size in map(int, args.sizes.split(",")):
         boxes = np.tile([[100.0, 100.0, 180.0, 160.0]], (size, 1))
         batch = PromptBatch(np.arange(size), boxes, np.zeros((size, 0, 2)), np.zeros((size, 0), np.int32))
-        segmenter.backend.decode(embedding, input_hw, (1024, 1024), batch)
+        points = np.random.default_rng(size).uniform(0, 1024, (size, 2))
+
+        def run() -> None:
+            with segmenter.model_call():
+                if args.points:
+                    _decode_points(segmenter.backend, embedding, points)
+                else:
+                    segmenter.backend.decode(embedding, input_hw, (1024, 1024), batch)
+
+        run()
         start, repeats = time.perf_counter(), 3
         for _ in range(repeats):
-            segmenter.backend.decode(embedding, input_hw, (1024, 1024), batch)
+            run()
         per_prompt = (time.perf_counter() - start) / repeats / size
         print(f"batch {size:4d}: {1000 * per_prompt:.1f} ms per prompt")
 

@@ -126,7 +126,10 @@ def automatic(scene: Path, args: argparse.Namespace, settings: SegmentSettings, 
     from sam_geo.raster import compute_stretch, open_scene
     from sam_geo.tiles import TileGrid
 
-    params = AutoParams() if args.points_per_side is None else AutoParams(points_per_side=args.points_per_side)
+    # every grid point is decoded (skip_covered off), as the model-alone timing decodes them all;
+    # skipping covered points only removes decoder work, which this ratio does not measure
+    params = AutoParams(skip_covered=False, **({} if args.points_per_side is None else
+                                               {"points_per_side": args.points_per_side}))
     # automatic mode encodes every tile of the grid (zoom 1 unless set) that has valid pixels
     info = open_scene(scene, bands=settings.bands, assume_crs=settings.assume_crs)
     grid = TileGrid(info.height, info.width, info.transform, settings.tile_size, settings.overlap, settings.zoom or 1)

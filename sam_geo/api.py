@@ -23,7 +23,7 @@ import pandas as pd
 import shapely
 
 from . import __version__
-from .engine import EngineConfig, TileResult, TileTask, resolve_device
+from .engine import EngineConfig, TileResult, TileTask, precision_name, resolve_device
 from .errors import ConfigError, OutputError, OutputExistsError, RasterError, RunError
 from .models import resolve_weights
 from .prompts import (
@@ -218,6 +218,7 @@ def segment(
         "weights_sha256": weights.sha256,
         "weights_source": weights.source,
         "device": resolve_device(settings.device),
+        "precision": precision_name(settings.precision, settings.device),
     }
     summary.settings = {
         **settings.__dict__,

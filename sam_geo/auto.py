@@ -66,6 +66,7 @@ from .engine import (
     EngineConfig,
     SamBackend,
     TileSegmenter,
+    precision_name,
     resolve_device,
     task_key,
     timed,
@@ -74,7 +75,7 @@ from .errors import ConfigError, OutputError, OutputExistsError, RunError, Write
 from .models import get_spec, resolve_weights
 from .raster import SceneInfo, Stretch, compute_stretch, open_scene
 from .runtime import RuntimeOptions
-from .stitch import DEFAULT_MATCH_IOU, Piece, StitchedObjects, piece_from_geometry, stitch
+from .stitch import DEFAULT_MATCH_IOU, Piece, StitchedObjects, greedy_suppression, piece_from_geometry, stitch
 from .summary import RunSummary, write_json_atomic
 from .tiles import Tile, TileGrid, validate_tiling
 from .vectorize import geometry_area_m2, mask_to_geometry
@@ -87,10 +88,13 @@ AUTO_COLUMNS = ("object_id", "score", "stability", "area_m2", "n_tiles")
 """Columns of an automatic-segmentation output, besides the geometry."""
 
 GPU_POINTS_PER_BATCH = 64
-CPU_POINTS_PER_BATCH = 16
-"""Points per mask-decoder call. On CPU the decoder is memory-bound: 4 to 16 points per
-call cost the same per point as 64 (MobileSAM, 2 cores, about 60 ms per point with
-three masks), and 16 keeps the batch's logits small (16 x 3 x 256 x 256 floats)."""
+CPU_POINTS_PER_BATCH = 4
+"""Points per mask-decoder call. On CPU the decoder is memory-bound and small batches
+are fastest per point: MobileSAM on 2 cores, three masks per point, 112 ms per point at
+1-4 points per call and 138 ms at 64 in fp32, 50 ms at 1-4 and 92 ms at 16 in bf16
+(``benchmarks/decoder_batch.py --points``). Small batches also let
+:attr:`AutoParams.skip_covered` see the masks of one batch before choosing the next."""
+
 
 MIN_OVERLAP_PX = 16
 """Smallest tile overlap (model pixels) automatic mode accepts: pieces of an object are
@@ -117,14 +121,20 @@ class AutoParams:
     ``box_nms_thresh``: SAM's automatic-mask-generator filters (defaults are SAM's).
     ``min_area_m2`` / ``max_area_m2``: stitched objects outside this range are dropped
     (None: no upper bound). ``points_per_batch``: points per decoder call (None: 64 on
-    GPU, 16 on CPU). ``match_iou``: IoU, inside the zone two tiles share, at which their
+    GPU, 4 on CPU). ``match_iou``: IoU, inside the zone two tiles share, at which their
     pieces are one object (see :mod:`sam_geo.stitch`). ``max_tile_fraction``: masks
     covering more than this share of a tile are dropped as background (None keeps
     them; objects larger than a tile need None or a value near 1). ``nested_thresh``:
-    of two masks of one tile nested in each other (at least this share of the smaller
-    one's area inside the larger), only the one with the higher predicted IoU is kept
-    (None: off, SAM's behaviour; 0.8 in ``configs/buildings.yaml``, where SAM's part and
-    whole masks of one roof would otherwise both come out).
+    nested-mask suppression on the stitched objects in the area range: greedy, by
+    descending predicted IoU, a kept object drops every object nested with it (at least
+    this share of the smaller one's area inside the other; see
+    :func:`sam_geo.stitch.greedy_suppression`). None: off, SAM's behaviour; 0.8 in
+    ``configs/buildings.yaml``, where SAM's part and whole masks of one roof would
+    otherwise both come out. ``skip_covered``: grid points are decoded coarse to fine
+    (:func:`coarse_to_fine_order`) and a point on a cell already covered by a kept mask
+    of at most ``cover_max_fraction`` of the tile is not decoded (SAM prompted inside
+    an object it has segmented gives that object again); about half the decoder work
+    on Banepa buildings.
     """
 
     points_per_side: int = 32
@@ -138,6 +148,8 @@ class AutoParams:
     match_iou: float = DEFAULT_MATCH_IOU
     max_tile_fraction: float | None = None
     nested_thresh: float | None = None
+    skip_covered: bool = True
+    cover_max_fraction: float = 0.1
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first value out of range."""
@@ -163,6 +175,8 @@ class AutoParams:
             raise ConfigError(f"points per batch must be from 1 to 1024, got {self.points_per_batch}")
         if self.max_tile_fraction is not None and not 0.0 < self.max_tile_fraction <= 1.0:
             raise ConfigError(f"max tile fraction must be in (0, 1], got {self.max_tile_fraction}")
+        if not 0.0 < self.cover_max_fraction <= 1.0:
+            raise ConfigError(f"cover max fraction must be in (0, 1], got {self.cover_max_fraction}")
         if self.nested_thresh is not None and not 0.0 < self.nested_thresh <= 1.0:
             raise ConfigError(f"nested thresh must be in (0, 1], got {self.nested_thresh}")
 
@@ -183,6 +197,7 @@ class AutoTileResult:
     tile_key: str
     objects: list[Piece] = field(default_factory=list)
     points: int = 0
+    points_skipped: int = 0
     skipped_nodata: bool = False
     encoded: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
@@ -247,7 +262,8 @@ def run_auto_tile(task: AutoTileTask, segmenter: TileSegmenter) -> AutoTileResul
         result.skipped_nodata = True
         return result
     points = grid_points(window.valid, task.params.points_per_side)
-    result.points = len(points)
+    if task.params.skip_covered:
+        points = points[coarse_to_fine_order(window.valid.shape, points, task.params.points_per_side)]
     if len(points) == 0:
         return result
     embedding, input_hw = segmenter.encode(window.rgb, seconds)
@@ -257,11 +273,18 @@ def run_auto_tile(task: AutoTileTask, segmenter: TileSegmenter) -> AutoTileResul
         GPU_POINTS_PER_BATCH if segmenter.device.type == "cuda" else CPU_POINTS_PER_BATCH
     )
     candidates: list[_Candidate] = []
-    for start in range(0, len(points), batch):
-        part = points[start : start + batch]
+    coverage = _Coverage(frame, task.params) if task.params.skip_covered else None
+    decoded = 0
+    for part in _point_batches(points, batch, coverage):
         with segmenter.model_call(), timed(seconds, "decode"):
             logits, iou = _decode_points(backend, embedding, part * (input_hw[0] / frame.tile_hw[0]))
-            candidates += _filter_masks(logits.float(), iou.float(), part, frame, task.params)
+            found = _filter_masks(logits, iou, part, frame, task.params)
+        if coverage is not None:
+            coverage.add(found)
+        candidates += found
+        decoded += len(part)
+    result.points = decoded
+    result.points_skipped = len(points) - decoded
     with timed(seconds, "vectorize"):
         pieces = _vectorize(candidates, window.valid, frame, task, segmenter.config)
         result.objects = _box_nms(pieces, task.params.box_nms_thresh)
@@ -284,6 +307,95 @@ def grid_points(valid: np.ndarray, points_per_side: int) -> np.ndarray:
     return points[valid[r, c]]
 
 
+def coarse_to_fine_order(hw: tuple[int, int], points: np.ndarray, points_per_side: int) -> np.ndarray:
+    """Indices that sort grid ``points`` coarse to fine (stable: raster order within a level).
+
+    The grid index ``i`` (column) and ``j`` (row) of a point of the ``n x n`` grid each
+    get a level, the number of times two divides their distance from the middle index
+    ``n // 2`` (see :func:`_grid_level`); a point's level is the smaller of the two. The
+    middle point comes first, then the grids of stride ``n/4``, ``n/8``... that refine
+    it (each holds the coarser ones), so early batches spread over the whole tile and
+    later ones fill in between. ``hw``: (rows, cols) of the tile array, in whose pixels
+    ``points`` are (x, y).
+    """
+    rows, cols = hw
+    i = np.clip(np.floor(points[:, 0] / cols * points_per_side), 0, points_per_side - 1).astype(np.int64)
+    j = np.clip(np.floor(points[:, 1] / rows * points_per_side), 0, points_per_side - 1).astype(np.int64)
+    level = np.minimum(_grid_level(i, points_per_side), _grid_level(j, points_per_side))
+    return np.argsort(-level, kind="stable")
+
+
+def _grid_level(index: np.ndarray, n: int) -> np.ndarray:
+    """Per grid index along one axis: how often 2 divides ``|index - n // 2|`` (the
+    middle index itself gets the highest level, 64)."""
+    distance = np.abs(index - n // 2)
+    lowest_bit = distance & -distance
+    level = np.where(distance == 0, 64, 0)
+    nonzero = distance > 0
+    level[nonzero] = np.log2(lowest_bit[nonzero]).astype(np.int64)
+    return level
+
+
+class _Coverage:
+    """Low-resolution cells of a tile already covered by a kept mask.
+
+    A grid point on a covered cell is not decoded (``AutoParams.skip_covered``): SAM
+    prompted inside an object it has already segmented with confidence gives that
+    object again, which box NMS would then drop. Only masks up to
+    ``cover_max_fraction`` of the tile count, so a large background mask (a field, a
+    road network) does not hide the objects inside it.
+    """
+
+    def __init__(self, frame: _Frame, params: AutoParams) -> None:
+        self.frame = frame
+        self.cells = torch.zeros(frame.logit_hw, dtype=torch.bool)
+        self.max_cells = params.cover_max_fraction * frame.logit_hw[0] * frame.logit_hw[1]
+        self.per_px = _cells_per_px(frame)
+
+    def add(self, candidates: list[_Candidate]) -> None:
+        """Cover the cells of each prompt point's best kept mask (the highest predicted
+        IoU of those that passed the filters), unless it spans more than
+        ``cover_max_fraction`` of the tile. A point's other masks (its sub-part or the
+        larger whole) cover nothing: a point inside them may still find another object."""
+        best: dict[tuple[float, float], _Candidate] = {}
+        for cand in candidates:
+            if cand.point not in best or cand.score > best[cand.point].score:
+                best[cand.point] = cand
+        for cand in best.values():
+            inside = cand.logits > 0
+            if int(inside.sum()) > self.max_cells:
+                continue
+            r0, c0 = cand.origin
+            h, w = inside.shape
+            self.cells[r0 : r0 + h, c0 : c0 + w] |= inside
+
+    def covers(self, points: np.ndarray) -> np.ndarray:
+        """(n,) bool: the points (x, y tile pixels) whose cell is covered."""
+        h, w = self.frame.logit_hw
+        r = np.clip((points[:, 1] * self.per_px).astype(np.int64), 0, h - 1)
+        c = np.clip((points[:, 0] * self.per_px).astype(np.int64), 0, w - 1)
+        return self.cells.numpy()[r, c]
+
+
+def _point_batches(points: np.ndarray, batch: int, coverage: _Coverage | None) -> Iterator[np.ndarray]:
+    """Batches of up to ``batch`` points in order; with ``coverage``, points whose cell
+    was covered by the masks of earlier batches are left out (checked batch by batch)."""
+    start = 0
+    while start < len(points):
+        if coverage is None:
+            part = points[start : start + batch]
+            start += batch
+        else:
+            rest = points[start:]
+            free = np.flatnonzero(~coverage.covers(rest))
+            if len(free) == 0:
+                return
+            take = free[:batch]
+            part = rest[take]
+            start += int(take[-1]) + 1
+        yield part
+
+
 @torch.inference_mode()
 def _decode_points(
     backend: SamBackend, embedding: torch.Tensor, points: np.ndarray
@@ -292,17 +404,10 @@ def _decode_points(
 
     ``points`` are (x, y) in the model's input frame (tile pixels times the resize ratio).
     """
-    model = backend.model
     coords = torch.as_tensor(points, dtype=torch.float32, device=backend.device)[:, None, :]
     labels = torch.ones((len(points), 1), dtype=torch.int64, device=backend.device)
-    sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    low_res, iou = model.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=True,
-    )
+    sparse, dense = backend.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    low_res, iou = backend.run_mask_decoder(embedding, sparse, dense, multimask=True)
     return low_res, iou
 
 
@@ -444,7 +549,8 @@ def _part_at(geom: shapely.Geometry, xy: tuple[float, float]) -> shapely.Geometr
 class AutoRunSummary(RunSummary):
     """The run summary (see :mod:`sam_geo.summary`) plus stitching counts in ``objects``.
 
-    ``prompts.used`` counts the grid points decoded.
+    ``prompts.used`` counts the grid points decoded, ``prompts.skipped_covered`` those
+    left out because a kept mask covered them (:attr:`AutoParams.skip_covered`).
     """
 
     objects: dict[str, int] = field(default_factory=dict)
@@ -638,6 +744,7 @@ def _segment_auto_scene(
         "weights_sha256": weights.sha256,
         "weights_source": weights.source,
         "device": resolve_device(settings.device),
+        "precision": precision_name(settings.precision, settings.device),
     }
     summary.settings = {**settings.__dict__, "zoom": grid.zoom, "auto": params.__dict__, "workers": runtime.workers}
     tasks = [AutoTileTask(info, stretch, tile, params) for tile in grid]
@@ -645,6 +752,7 @@ def _segment_auto_scene(
     store = _open_work_dir(work_dir, restart, summary, info) if work_dir else None
     results = run_with_work_dir(tasks, config, runtime, store, summary)
     summary.prompts.used = sum(getattr(r, "points", 0) for r in results)
+    summary.prompts.skipped_covered = sum(getattr(r, "points_skipped", 0) for r in results)
     _raise_if_failed(results, len(tasks), max_failed_tiles, summary, summary_path, t_total)
 
     start = time.perf_counter()
@@ -742,10 +850,6 @@ def _stitched_frame(
     """Stitch the tiles' pieces, clean and filter by area, number the objects."""
     tile_of = {t.key: t.tile for t in tasks}
     parts = [(tile_of[r.tile_key], r.objects) for r in results if not r.error and r.tile_key in tile_of]
-    if params.nested_thresh is not None:
-        before = sum(len(pieces) for _, pieces in parts)
-        parts = [(tile, suppress_nested(pieces, params.nested_thresh)) for tile, pieces in parts]
-        summary.objects["nested_suppressed"] = before - sum(len(pieces) for _, pieces in parts)
     objects = stitch(parts, match_iou=params.match_iou, nms_iou=params.box_nms_thresh)
     geoms = _drop_small_parts(objects.geometry, _min_area_in_crs_units(info, settings.min_area_m2))
     area = geometry_area_m2(list(geoms), info.crs) if len(geoms) else np.zeros(0)
@@ -754,6 +858,10 @@ def _stitched_frame(
         keep &= area <= params.max_area_m2
     rows = np.flatnonzero(keep)
     summary.objects = {**summary.objects, **objects.stats, "outside_area_range": int(len(objects) - len(rows))}
+    if params.nested_thresh is not None:
+        nested_kept = greedy_suppression(geoms[rows], objects.score[rows], params.nested_thresh, overlap="ios")
+        summary.objects["nested_suppressed"] = int(len(rows) - len(nested_kept))
+        rows = rows[nested_kept]
     summary.features = len(rows)
     kept: StitchedObjects = objects.take(rows)
     frame = {
@@ -767,28 +875,15 @@ def _stitched_frame(
 
 
 def suppress_nested(pieces: list[Piece], threshold: float) -> list[Piece]:
-    """Of every two pieces (of one tile) nested in each other, keep the higher-scored.
-
-    Two pieces are nested when at least ``threshold`` (0-1] of the smaller one's area
-    lies inside the larger (SAM's sub-part, part and whole masks of one object). The one
-    with the lower predicted IoU is dropped (on a tie, the smaller). Candidate pairs come
-    from an STR-tree, so the cost grows with the pairs that touch, not with n^2.
-    """
-    if len(pieces) < 2:
-        return list(pieces)
+    """Greedy nested-mask suppression on one tile's pieces (what
+    :attr:`AutoParams.nested_thresh` does to the stitched objects; see
+    :func:`sam_geo.stitch.greedy_suppression` with ``overlap="ios"``): visited by
+    descending predicted IoU, a kept piece drops every piece with at least
+    ``threshold`` of the smaller one's area inside the other. Used for per-tile
+    baselines (``benchmarks/auto_banepa.py``)."""
     geoms = shapely.from_wkb([p.wkb for p in pieces])
-    area = shapely.area(geoms)
-    score = np.array([p.score for p in pieces])
-    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    once = left < right
-    left, right = left[once], right[once]
-    shared = shapely.area(shapely.intersection(geoms[left], geoms[right]))
-    nested = shared >= threshold * np.minimum(area[left], area[right])
-    left, right = left[nested], right[nested]
-    left_wins = (score[left] > score[right]) | ((score[left] == score[right]) & (area[left] >= area[right]))
-    drop = np.zeros(len(pieces), dtype=bool)
-    drop[np.where(left_wins, right, left)] = True
-    return [piece for piece, dropped in zip(pieces, drop) if not dropped]
+    kept = greedy_suppression(geoms, np.array([p.score for p in pieces]), threshold, overlap="ios")
+    return [pieces[i] for i in kept]
 
 
 def _drop_small_parts(geoms: np.ndarray, min_area: float) -> np.ndarray:

@@ -174,6 +174,9 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
                    "the higher-scored; e.g. 0.8 for buildings (default: off).")
 @click.option("--max-area", type=click.FloatRange(0, min_open=True), default=None,
               help="Drop objects larger than this, m^2 (after stitching; --min-area drops smaller ones).")
+@click.option("--skip-covered/--no-skip-covered", default=True, show_default=True,
+              help="Decode grid points coarse to fine and skip those inside a mask already kept (about half "
+                   "the decoder work); --no-skip-covered decodes every point, as SAM's generator does.")
 @click.option("--labels-raster", type=click.Path(dir_okay=False), default=None,
               help="Also write an instance-label GeoTIFF: uint32, 0 = no object, else the object_id.")
 @common_segment_options
@@ -203,6 +206,7 @@ def auto(ctx: click.Context, **kwargs: Any) -> None:
         min_area_m2=params["min_area"],
         max_area_m2=params["max_area"],
         points_per_batch=params["batch_size"],
+        skip_covered=params["skip_covered"],
         **extra,
     )
     gdf = segment_auto(

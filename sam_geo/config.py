@@ -73,6 +73,7 @@ class AutoSection(_CommandSection):
     match_iou: float | None = Field(default=None, gt=0, le=1)
     max_tile_fraction: float | None = Field(default=None, gt=0, le=1)
     nested_thresh: float | None = Field(default=None, gt=0, le=1)
+    skip_covered: bool | None = None
 
 
 class TextSection(_CommandSection):

@@ -36,7 +36,7 @@ from .api import (
     expand_scenes,
     run_with_work_dir,
 )
-from .engine import EngineConfig, TileResult, TileSegmenter, _decode_batches, resolve_device, task_key, timed
+from .engine import EngineConfig, TileResult, TileSegmenter, _decode_batches, precision_name, resolve_device, task_key, timed
 from .errors import ConfigError, RunError
 from .models import resolve_weights
 from .prompts import PromptBatch
@@ -221,7 +221,8 @@ def segment_text(
 
     summary = RunSummary(scene=", ".join(i.path for i in infos), mode="text")
     summary.model = {"name": settings.model, "weights_sha256": weights.sha256, "weights_source": weights.source,
-                     "device": resolve_device(settings.device), "detector": detector}
+                     "device": resolve_device(settings.device), "detector": detector,
+                     "precision": precision_name(settings.precision, settings.device)}
     summary.settings = {**settings.__dict__, "phrases": list(phrase_list), "box_threshold": box_threshold,
                         "text_threshold": text_threshold, "workers": runtime.workers}
     summary.tiles.planned = len(tasks)

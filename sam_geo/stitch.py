@@ -69,6 +69,7 @@ from .tiles import PixelBox, Tile
 
 __all__ = [
     "BOTTOM",
+    "greedy_suppression",
     "LEFT",
     "RIGHT",
     "TOP",
@@ -497,23 +498,44 @@ def _assemble(table: _Table, group: np.ndarray, min_owned: float) -> tuple[Stitc
 
 def _suppress_duplicates(objects: StitchedObjects, nms_iou: float) -> np.ndarray:
     """Rows kept by greedy NMS on polygon IoU (highest score first, ties by row)."""
-    geoms = objects.geometry
+    return greedy_suppression(objects.geometry, objects.score, nms_iou, overlap="iou")
+
+
+def greedy_suppression(
+    geoms: np.ndarray, score: np.ndarray, threshold: float, *, overlap: str = "iou"
+) -> np.ndarray:
+    """Rows kept by greedy non-maximum suppression on polygons, sorted ascending.
+
+    Objects are visited by descending ``score`` (ties: larger area first, then row); one
+    that is not yet suppressed is kept and suppresses every other object overlapping it
+    by more than ``threshold``, measured as polygon IoU (``overlap="iou"``: duplicates)
+    or as the share of the *smaller* polygon's area inside the other (``"ios"``,
+    intersection over smaller: nested masks, SAM's part and whole of one object).
+    A suppressed object suppresses nothing, so of a chain whole > part > sub-part with
+    the whole best scored, the sub-part survives when it is not nested in the whole.
+    Candidate pairs come from an STR-tree, so the cost grows with the pairs that touch.
+    """
     n = len(geoms)
     if n < 2:
         return np.arange(n)
+    if overlap not in ("iou", "ios"):
+        raise ValueError(f"overlap must be 'iou' or 'ios', got {overlap!r}")
+    area = shapely.area(geoms)
     left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
     pairs = left < right
     left, right = left[pairs], right[pairs]
     inter = shapely.area(shapely.intersection(geoms[left], geoms[right]))
-    union = shapely.area(geoms[left]) + shapely.area(geoms[right]) - inter
-    over = inter > nms_iou * union
+    if overlap == "iou":
+        over = inter > threshold * (area[left] + area[right] - inter)
+    else:
+        over = inter >= threshold * np.minimum(area[left], area[right])
     left, right = left[over], right[over]
     neighbours: dict[int, list[int]] = {}
     for a, b in zip(left.tolist(), right.tolist()):
         neighbours.setdefault(a, []).append(b)
         neighbours.setdefault(b, []).append(a)
     suppressed = np.zeros(n, dtype=bool)
-    for i in np.lexsort((np.arange(n), -objects.score)).tolist():
+    for i in np.lexsort((np.arange(n), -area, -np.asarray(score, dtype=np.float64))).tolist():
         if suppressed[i]:
             continue
         for j in neighbours.get(i, ()):

@@ -43,6 +43,8 @@ class PromptCounts:
     on_nodata: int = 0
     invalid: int = 0
     empty: int = 0
+    skipped_covered: int = 0
+    """Automatic mode: grid points not decoded because a kept mask already covered them."""
     outside_ids: list[Any] = field(default_factory=list)
     on_nodata_ids: list[Any] = field(default_factory=list)
     invalid_ids: list[Any] = field(default_factory=list)

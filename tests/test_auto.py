@@ -17,12 +17,22 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+import torch
 from affine import Affine
 from rasterio.features import rasterize
 
 from conftest import make_raster
 from sam_geo import segment_auto
-from sam_geo.auto import AutoParams, grid_points, scene_work_dir_name
+from sam_geo.auto import (
+    AutoParams,
+    _Candidate,
+    _Coverage,
+    _Frame,
+    _point_batches,
+    coarse_to_fine_order,
+    grid_points,
+    scene_work_dir_name,
+)
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from sam_geo.errors import ConfigError, OutputExistsError
 from sam_geo.runtime import RuntimeOptions
@@ -249,6 +259,40 @@ def test_grid_points_skip_nodata() -> None:
     assert points[:, 1].min() == pytest.approx(12.5) and points[:, 0].max() == pytest.approx(175.0)
 
 
+
+@pytest.mark.parametrize("n", [4, 5, 16, 32, 48])
+def test_coarse_to_fine_order_is_a_permutation_starting_in_the_middle(n: int) -> None:
+    points = grid_points(np.ones((1000, 600), dtype=bool), n)
+    order = coarse_to_fine_order((1000, 600), points, n)
+    assert sorted(order.tolist()) == list(range(n * n))
+    middle = points[order[0]]
+    assert middle[0] == pytest.approx((n // 2 + 0.5) * 600 / n) and middle[1] == pytest.approx((n // 2 + 0.5) * 1000 / n)
+    # the first quarter of the order spreads over the whole array: every quadrant gets points
+    first = points[order[: max(4, n * n // 4)]]
+    quadrants = {(bool(x < 300), bool(y < 500)) for x, y in first}
+    assert len(quadrants) == 4
+
+
+def test_covered_points_are_not_decoded() -> None:
+    """A point's best kept mask covering the left half of the tile's cells hides the grid
+    points under it; its other, lower-scored masks cover nothing."""
+    frame = _Frame((256, 256), (1024, 1024))
+    left_half = _Candidate(torch.full((256, 128), 5.0), (0, 0), (0, 0, 127, 255), 0.95, 0.97, (10.0, 10.0))
+    whole = _Candidate(torch.full((256, 256), 5.0), (0, 0), (0, 0, 255, 255), 0.90, 0.97, (10.0, 10.0))
+    points = grid_points(np.ones((256, 256), dtype=bool), 8)
+
+    def decoded(candidates: list[_Candidate], **params) -> np.ndarray:
+        coverage = _Coverage(frame, AutoParams(**params))
+        coverage.add(candidates)
+        batches = list(_point_batches(points, 3, coverage))
+        assert all(len(b) <= 3 for b in batches)
+        return np.concatenate(batches) if batches else np.zeros((0, 2))
+
+    right = decoded([whole, left_half], cover_max_fraction=0.6)
+    assert len(right) == 32 and (right[:, 0] > 128).all()
+    assert len(decoded([left_half], cover_max_fraction=0.4)) == 64  # too large to cover
+    assert len(decoded([whole], cover_max_fraction=1.0)) == 0
+
 def test_auto_params_are_validated() -> None:
     with pytest.raises(ConfigError, match="points per side"):
         AutoParams(points_per_side=0).validate()
@@ -326,7 +370,9 @@ def test_every_shape_is_one_polygon(auto_runs, tiling) -> None:
     assert ((gdf.area_m2 >= 100) & (gdf.area_m2 <= 10_000)).all()
     summary = gdf.attrs["summary"]
     assert summary["mode"] == "auto" and summary["tiles"]["processed"] == summary["tiles"]["planned"]
-    assert summary["prompts"]["used"] == summary["tiles"]["planned"] * tiling[2] ** 2
+    grid = summary["tiles"]["planned"] * tiling[2] ** 2  # skip_covered is on: some are not decoded
+    assert summary["prompts"]["used"] + summary["prompts"]["skipped_covered"] == grid
+    assert 0 < summary["prompts"]["used"] <= grid
     assert {"read", "encode", "decode", "vectorize", "stitch", "total"} <= set(summary["seconds"])
 
 
@@ -441,6 +487,33 @@ def test_nested_masks_keep_the_higher_scored_one_only() -> None:
     assert suppress_nested([whole, part], 1.0) == [part]  # fully inside also counts at 1.0
     assert suppress_nested([], 0.8) == [] and suppress_nested([whole], 0.8) == [whole]
 
+
+
+def test_greedy_suppression_by_iou_and_by_containment() -> None:
+    from sam_geo.stitch import greedy_suppression
+
+    whole = shapely.box(0, 0, 10, 10)
+    part = shapely.box(0, 0, 5, 10)  # half of the whole: IoU 0.5, all of it inside
+    sub = shapely.box(0, 0, 2, 2)  # inside the part and the whole
+    apart = shapely.box(20, 0, 25, 5)
+    geoms = np.array([whole, part, sub, apart], dtype=object)
+    score = np.array([0.9, 0.95, 0.8, 0.7])
+    assert greedy_suppression(geoms, score, 0.7, overlap="iou").tolist() == [0, 1, 2, 3]
+    assert greedy_suppression(geoms, score, 0.4, overlap="iou").tolist() == [1, 2, 3]
+    # containment: the part (best) drops the whole and the sub-part nested in it
+    assert greedy_suppression(geoms, score, 0.8, overlap="ios").tolist() == [1, 3]
+    # the whole best scored: it drops the part and the sub-part, both nested in it
+    assert greedy_suppression(geoms, np.array([0.99, 0.95, 0.8, 0.7]), 0.8, overlap="ios").tolist() == [0, 3]
+    # a suppressed object suppresses nothing: the part (best) drops the whole, and the
+    # whole then cannot drop the object it overlaps by half, which the part does not reach
+    right = shapely.box(5, 0, 10, 10)
+    chain = np.array([part, whole, right], dtype=object)
+    assert greedy_suppression(chain, np.array([0.95, 0.9, 0.8]), 0.8, overlap="ios").tolist() == [0, 2]
+    # ties: the larger first
+    assert greedy_suppression(geoms[:2], np.array([0.9, 0.9]), 0.8, overlap="ios").tolist() == [0]
+    assert greedy_suppression(geoms[:1], score[:1], 0.5).tolist() == [0]
+    with pytest.raises(ValueError, match="overlap"):
+        greedy_suppression(geoms, score, 0.5, overlap="dice")
 
 def test_automatic_mode_refuses_sam2_models_before_any_work(shapes_scene: Path) -> None:
     with pytest.raises(ConfigError, match="SAM 2.1 model"):

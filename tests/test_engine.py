@@ -181,11 +181,48 @@ def test_bf16_autocast_gives_the_fp32_mask(mobile_sam_segmenters) -> None:
     assert bf16.autocast_dtype == torch.bfloat16 and bf16._batcher is not None and fp32._batcher is None
 
 
-def test_precision_resolution() -> None:
+
+@pytest.mark.parametrize("kind", ["points", "boxes", "mask"])
+def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmenters, kind: str) -> None:
+    """The channels-last fp32 copy computes what segment-anything's MaskDecoder does;
+    the bf16 one gives the same masks up to bf16 rounding."""
+    from sam_geo.engine import cpu_mask_decoder
+
+    fp32, _ = mobile_sam_segmenters
+    model = fp32.model
+    embedding, _ = fp32.encode(_scene_tile(4))
+    n = 5
+    rng = np.random.default_rng(1)
+    points = torch.as_tensor(rng.uniform(0, 1024, (n, 1, 2)), dtype=torch.float32)
+    boxes = torch.as_tensor(np.sort(rng.uniform(0, 1024, (n, 2, 2)), axis=1).reshape(n, 4), dtype=torch.float32)
+    masks = torch.as_tensor(rng.normal(0, 1, (n, 1, 256, 256)), dtype=torch.float32) if kind == "mask" else None
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(
+            points=(points, torch.ones(n, 1, dtype=torch.int64)) if kind == "points" else None,
+            boxes=boxes if kind != "points" else None,
+            masks=masks,
+        )
+        args = {"image_embeddings": embedding, "image_pe": model.prompt_encoder.get_dense_pe(),
+                "sparse_prompt_embeddings": sparse, "dense_prompt_embeddings": dense, "multimask_output": True}
+        official = model.mask_decoder(**args)
+        fast = cpu_mask_decoder(model.mask_decoder)(**args)
+        bf16 = cpu_mask_decoder(model.mask_decoder, torch.bfloat16)(
+            **{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+    torch.testing.assert_close(fast[0], official[0], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(fast[1], official[1], atol=1e-4, rtol=1e-4)
+    a, b = official[0] > 0, bf16[0].float() > 0
+    agreement = (a & b).flatten(2).sum(-1) / (a | b).flatten(2).sum(-1).clamp(min=1)
+    assert agreement.median() > 0.97 and (bf16[1].float() - official[1]).abs().max() < 0.1
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_precision_resolution(monkeypatch, fast_bf16: bool) -> None:
+    import sam_geo.engine as engine
     from sam_geo.engine import resolve_precision
 
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: fast_bf16)
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert resolve_precision("fp32", cpu) == torch.float32
     assert resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", cpu)

@@ -26,7 +26,7 @@ def test_fields_pipeline_reads_the_auto_preset() -> None:
     finally:
         sys.path.remove(str(PIPELINES))
     settings = preset_settings()
-    assert settings["zoom"] == 2 and settings["points_per_side"] == 48
+    assert settings["zoom"] == 4 and settings["points_per_side"] == 32
     assert settings["min_area_m2"] == 1000.0 and settings["max_area_m2"] == 200000.0
     from sam_geo.auto import _split_overrides
 
