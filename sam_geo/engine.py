@@ -161,7 +161,11 @@ def cpu_has_fast_bf16() -> bool:
     BF16, Sapphire Rapids and newer). There, bf16 autocast halves MobileSAM's decoder
     time and cuts its encoder time by a third (``benchmarks/decoder_batch.py``); CPUs
     without it emulate bf16 and get slower. Uses torch's CPU feature probes, which are
-    private, so any failure reads as "no"."""
+    private, so any failure reads as "no". ``SAM_GEO_CPU_BF16=0`` (or ``1``) overrides the
+    probe, e.g. to reproduce fp32 results on an AMX machine."""
+    forced = os.environ.get("SAM_GEO_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):

@@ -17,6 +17,7 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import geopandas
 import numpy as np
 import pyproj
 import rasterio.features
+from rasterio.errors import NotGeoreferencedWarning
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 
@@ -136,10 +138,12 @@ def _check_threshold(name: str, value: float) -> float:
 
 def _trace(mask: np.ndarray, transform: affine.Affine) -> list[Polygon]:
     """Trace ``True`` pixels into valid polygons in CRS coordinates (4-connectivity)."""
-    shapes = rasterio.features.shapes(
-        mask.astype(np.uint8), mask=mask, transform=transform, connectivity=4
-    )
-    traced = np.asarray([shape(geojson) for geojson, _value in shapes], dtype=object)
+    with warnings.catch_warnings():
+        # rasterio wraps the ``mask`` array in an in-memory dataset without a transform and
+        # warns that it is not georeferenced; the transform that places the shapes is ours.
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        shapes = rasterio.features.shapes(mask.astype(np.uint8), mask=mask, transform=transform, connectivity=4)
+        traced = np.asarray([shape(geojson) for geojson, _value in shapes], dtype=object)
     return _polygonal_parts(_make_valid(traced))
 
 

@@ -230,6 +230,15 @@ def test_precision_resolution(monkeypatch, fast_bf16: bool) -> None:
         resolve_precision("int8", cpu)
 
 
+def test_cpu_bf16_probe_can_be_forced_either_way(monkeypatch) -> None:
+    from sam_geo.engine import cpu_has_fast_bf16
+
+    monkeypatch.setenv("SAM_GEO_CPU_BF16", "0")
+    assert cpu_has_fast_bf16() is False
+    monkeypatch.setenv("SAM_GEO_CPU_BF16", "1")
+    assert cpu_has_fast_bf16() is True
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: needs a GPU (CI has none; checked on the device machine)")
 def test_cuda_defaults_batch_tiles_under_autocast() -> None:
     from conftest import WEIGHTS
