@@ -4,7 +4,7 @@ Box prompts through ``SamBackend.decode`` (one mask each, as prompted mode), or 
 ``--points`` single-point prompts with SAM's three masks (as automatic mode), under the
 autocast precision given (``auto``: what the engine picks on this device).
 
-    python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points]
+    python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points] [--official]
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4,8,16,64")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--points", action="store_true", help="point prompts, three masks each (automatic mode)")
+    parser.add_argument("--official", action="store_true",
+                        help="segment-anything's own MaskDecoder (under autocast) instead of sam-geo's CPU copy")
     args = parser.parse_args()
     segmenter = TileSegmenter(EngineConfig(args.model, str(WEIGHTS), device=args.device, precision=args.precision))
+    if args.official:
+        segmenter.backend._cpu_decoder = None
     print(f"{args.model} on {args.device}, autocast {segmenter.autocast_dtype}, "
-          f"{'points x 3 masks' if args.points else 'boxes'}")
+          f"{'points x 3 masks' if args.points else 'boxes'}, "
+          f"{'official decoder' if args.official or segmenter.backend._cpu_decoder is None else 'CPU decoder copy'}")
     rgb = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
     segmenter.encode(rgb)
     start = time.perf_counter()
