@@ -47,9 +47,10 @@ GPU_BATCH_SIZE = 64
 """Prompts per mask-decoder call on CUDA, where batching pays."""
 
 CPU_BATCH_SIZE = 4
-"""Prompts per mask-decoder call on CPU: SAM's decoder is memory-bound there and larger
-batches are slower per prompt (MobileSAM, 2 cores: 60 ms/prompt at 1-4, 100 ms at 16;
-``benchmarks/decoder_batch.py``)."""
+"""Prompts per mask-decoder call on CPU: the decoder's per-prompt tensors over 4,096
+image tokens outgrow the caches in larger batches (MobileSAM, :func:`cpu_mask_decoder`,
+fp32, 2 AMD EPYC cores: boxes 32 / 20 / 22 / 27 ms per prompt at 1 / 4 / 8 / 16 per call;
+points with three masks 43 / 37 / 36 / 49 ms; ``benchmarks/decoder_batch.py``)."""
 
 GPU_ENCODE_BATCH = 4
 """Tiles per image-encoder call on CUDA: the actor's task threads hand their tiles to one
@@ -253,67 +254,20 @@ class EncodeBatcher:
                 future.set_result(output)
 
 
-class _ChannelsLastUpscaling(torch.nn.Module):
-    """SAM's ``MaskDecoder.output_upscaling`` (transposed conv, LayerNorm2d, GELU,
-    transposed conv, GELU) on channels-last tensors, with the same modules and weights.
-
-    oneDNN's CPU transposed convolutions are about 40 times faster on channels-last
-    input (MobileSAM, bf16, 2 cores: 1.5 ms against 58 ms for 4 prompts), and the
-    channel LayerNorm becomes a plain ``layer_norm`` over the last dimension of the
-    NHWC view (the same mean and variance over channels as ``LayerNorm2d``).
-    """
-
-    def __init__(self, upscaling: torch.nn.Sequential) -> None:
-        super().__init__()
-        self.conv1, self.norm, self.act1, self.conv2, self.act2 = upscaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
-        nhwc = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.norm.weight, self.norm.bias, self.norm.eps)
-        return self.act2(self.conv2(self.act1(nhwc.permute(0, 3, 1, 2))))
-
-
-class _ChannelsLastTransformer(torch.nn.Module):
-    """SAM's ``TwoWayTransformer``, fed its image embedding and positional encoding in
-    channels-last layout, so that the token view ``flatten(2).permute(0, 2, 1)`` it
-    makes of them is contiguous and every add, layer norm and projection over the 4,096
-    image tokens reads memory in order. Same module, same weights, same arithmetic."""
-
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = transformer
-
-    def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cl = torch.channels_last
-        return self.inner(image_embedding.contiguous(memory_format=cl), image_pe.contiguous(memory_format=cl),
-                          point_embedding)
-
-
 def cpu_mask_decoder(decoder: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A copy of SAM's official ``MaskDecoder`` that runs fast on CPU, same outputs.
+    """A copy of SAM's official ``MaskDecoder`` that runs fast on CPU, same outputs:
+    :class:`sam_geo.decoder.FactorizedMaskDecoder` with weights in ``dtype`` (bf16 runs
+    outside autocast, which would re-cast weights and activations around every layer).
 
-    On CPU SAM's decoder is bound by memory traffic over its per-prompt (256, 64, 64)
-    image-token tensors, not by arithmetic. Three changes, none to the computation:
-
-    * the image tokens are laid out channels-last (:class:`_ChannelsLastTransformer`)
-      and so is the output upscaling (:class:`_ChannelsLastUpscaling`);
-    * with ``dtype`` bf16 the weights are bf16 and the decoder runs outside autocast:
-      autocast would re-cast weights and activations between fp32 and bf16 around
-      every layer, and those copies cost more than the products.
-
-    MobileSAM, one point with three masks, 4 prompts per call, 2 cores (AMX-BF16):
-    official decoder 49 ms per prompt in fp32 (46 ms under bf16 autocast); this one 35
-    ms in fp32 (logits within 1e-4 of the official) and 17 ms in bf16 (median mask IoU
-    0.995 to fp32, as under autocast) (``benchmarks/decoder_batch.py --points``).
+    On CPU SAM's decoder costs more than MobileSAM's image encoder: per prompt it
+    projects all 4,096 image tokens several times. The copy computes the same function
+    with the prompt-independent projections done once per tile and the per-prompt
+    attentions carried through the few prompt tokens instead (see that module).
+    Timings: ``benchmarks/decoder_batch.py`` (figures in DESIGN.md).
     """
-    import copy
+    from .decoder import FactorizedMaskDecoder
 
-    fast = copy.deepcopy(decoder).to(dtype)
-    fast.output_upscaling = _ChannelsLastUpscaling(fast.output_upscaling)
-    fast.transformer = _ChannelsLastTransformer(fast.transformer)
-    return fast.eval()
+    return FactorizedMaskDecoder(decoder, dtype)
 
 
 class SamBackend:
@@ -340,10 +294,19 @@ class SamBackend:
         self._cpu_decoder = cpu_mask_decoder(self.model.mask_decoder, dtype)
 
     def run_mask_decoder(
-        self, embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask: bool
+        self,
+        embedding: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask: bool,
+        windows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's mask decoder on prompt embeddings: low-res logits (n, k, 256, 256) and
-        predicted IoU (n, k), float32; ``k`` is 3 with ``multimask``, else 1."""
+        predicted IoU (n, k), float32; ``k`` is 3 with ``multimask``, else 1.
+
+        ``windows`` (n, 4), optional, for the CPU decoder: the cells of the logits grid
+        each prompt's mask is kept in (:func:`logits_windows`); logits outside are not
+        computed (see :class:`sam_geo.decoder.FactorizedMaskDecoder`)."""
         image_pe = self.model.prompt_encoder.get_dense_pe()
         decoder = self._cpu_decoder
         if decoder is None:
@@ -363,6 +326,7 @@ class SamBackend:
                 sparse_prompt_embeddings=sparse.to(dtype),
                 dense_prompt_embeddings=dense.to(dtype),
                 multimask_output=multimask,
+                logits_windows=windows,
             )
         return low_res.float(), iou.float()
 
@@ -431,7 +395,10 @@ class SamBackend:
         sparse, dense = self.model.prompt_encoder(
             points=(points, labels) if points is not None else None, boxes=boxes, masks=masks
         )
-        low_res, iou = self.run_mask_decoder(embedding, sparse, dense, multimask)
+        windows = None
+        if has_box.all() and self._cpu_decoder is not None:
+            windows = torch.as_tensor(logits_windows(prompts, tile_hw, self.logits_frame(tile_hw, input_hw)))
+        low_res, iou = self.run_mask_decoder(embedding, sparse, dense, multimask, windows)
         best = choose_masks(low_res, iou, prompts.areas, self.logits_frame(tile_hw, input_hw))
         rows = torch.arange(len(best), device=device)
         return low_res[rows, best], iou[rows, best].float().cpu().numpy()
@@ -745,6 +712,23 @@ def _crop_for_prompt(batch: PromptBatch, k: int, tile_hw: tuple[int, int]) -> tu
     r1 = int(min(rows, np.ceil(y1 + grow)))
     c1 = int(min(cols, np.ceil(x1 + grow)))
     return r0, c0, max(r1, r0 + 1), max(c1, c0 + 1)
+
+
+def logits_windows(batch: PromptBatch, tile_hw: tuple[int, int], frame: tuple[float, float],
+                   size: int = 256) -> np.ndarray:
+    """(n, 4) int: per box prompt, the ``(row0, col0, row1, col1)`` cells of the
+    ``size`` x ``size`` low-res logits grid (end-exclusive) that :func:`upsample_crop`
+    reads for the prompt's :func:`_crop_for_prompt` crop: the cells under the crop's
+    first and last pixel centres plus the next cell, which bilinear sampling also reads.
+    ``frame`` (fy, fx) is the fraction of the logits grid one tile pixel spans."""
+    fy, fx = frame
+    out = np.zeros((len(batch), 4), dtype=np.int64)
+    for k in range(len(batch)):
+        r0, c0, r1, c1 = _crop_for_prompt(batch, k, tile_hw)
+        first = np.floor([(r0 + 0.5) * fy * size - 0.5, (c0 + 0.5) * fx * size - 0.5])
+        last = np.floor([(r1 - 0.5) * fy * size - 0.5, (c1 - 0.5) * fx * size - 0.5]) + 2
+        out[k] = np.clip(np.concatenate([first, last]), 0, size)
+    return out
 
 
 def upsample_crop(

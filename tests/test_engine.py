@@ -182,37 +182,133 @@ def test_bf16_autocast_gives_the_fp32_mask(mobile_sam_segmenters) -> None:
 
 
 
-@pytest.mark.parametrize("kind", ["points", "boxes", "mask"])
-def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmenters, kind: str) -> None:
-    """The channels-last fp32 copy computes what segment-anything's MaskDecoder does;
-    the bf16 one gives the same masks up to bf16 rounding."""
+def _decoder_inputs(model, kind: str, n: int, seed: int) -> dict:
+    """Prompt embeddings for ``n`` prompts of one kind: single points, three points with
+    negatives, boxes, boxes with a point, or boxes with a low-res mask."""
+    rng = np.random.default_rng(seed)
+    k = 3 if kind == "points3" else 1
+    points = torch.as_tensor(rng.uniform(0, 1024, (n, k, 2)), dtype=torch.float32)
+    labels = torch.as_tensor(rng.integers(0, 2, (n, k)) if k > 1 else np.ones((n, 1)), dtype=torch.int64)
+    boxes = torch.as_tensor(np.sort(rng.uniform(0, 1024, (n, 2, 2)), axis=1).reshape(n, 4), dtype=torch.float32)
+    masks = torch.as_tensor(rng.normal(0, 1, (n, 1, 256, 256)), dtype=torch.float32) if kind == "mask" else None
+    uses_points = kind in ("points", "points3", "box+point")
+    sparse, dense = model.prompt_encoder(
+        points=(points, labels) if uses_points else None,
+        boxes=boxes if kind in ("boxes", "box+point", "mask") else None,
+        masks=masks,
+    )
+    return {"image_pe": model.prompt_encoder.get_dense_pe(), "sparse_prompt_embeddings": sparse,
+            "dense_prompt_embeddings": dense}
+
+
+@pytest.mark.parametrize("kind", ["points", "points3", "boxes", "box+point", "mask"])
+@pytest.mark.parametrize("n", [1, 5])
+def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmenters, kind: str, n: int) -> None:
+    """The factorized fp32 decoder computes what segment-anything's MaskDecoder does
+    (real MobileSAM weights, a real tile's embedding); the bf16 one gives the same masks
+    up to bf16 rounding."""
     from sam_geo.engine import cpu_mask_decoder
 
     fp32, _ = mobile_sam_segmenters
     model = fp32.model
     embedding, _ = fp32.encode(_scene_tile(4))
-    n = 5
-    rng = np.random.default_rng(1)
-    points = torch.as_tensor(rng.uniform(0, 1024, (n, 1, 2)), dtype=torch.float32)
-    boxes = torch.as_tensor(np.sort(rng.uniform(0, 1024, (n, 2, 2)), axis=1).reshape(n, 4), dtype=torch.float32)
-    masks = torch.as_tensor(rng.normal(0, 1, (n, 1, 256, 256)), dtype=torch.float32) if kind == "mask" else None
+    fast, bf16_decoder = cpu_mask_decoder(model.mask_decoder), cpu_mask_decoder(model.mask_decoder, torch.bfloat16)
     with torch.inference_mode():
-        sparse, dense = model.prompt_encoder(
-            points=(points, torch.ones(n, 1, dtype=torch.int64)) if kind == "points" else None,
-            boxes=boxes if kind != "points" else None,
-            masks=masks,
-        )
-        args = {"image_embeddings": embedding, "image_pe": model.prompt_encoder.get_dense_pe(),
-                "sparse_prompt_embeddings": sparse, "dense_prompt_embeddings": dense, "multimask_output": True}
+        args = {"image_embeddings": embedding, **_decoder_inputs(model, kind, n, seed=n), "multimask_output": True}
         official = model.mask_decoder(**args)
-        fast = cpu_mask_decoder(model.mask_decoder)(**args)
-        bf16 = cpu_mask_decoder(model.mask_decoder, torch.bfloat16)(
-            **{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
-    torch.testing.assert_close(fast[0], official[0], atol=2e-3, rtol=1e-4)
-    torch.testing.assert_close(fast[1], official[1], atol=1e-4, rtol=1e-4)
+        ours = fast(**args)
+        single = fast(**{**args, "multimask_output": False})
+        official_single = model.mask_decoder(**{**args, "multimask_output": False})
+        bf16 = bf16_decoder(**{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+    assert ours[0].shape == official[0].shape == (n, 3, 256, 256) and single[0].shape == (n, 1, 256, 256)
+    torch.testing.assert_close(ours[0], official[0], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(single[0], official_single[0], atol=2e-3, rtol=1e-4)
     a, b = official[0] > 0, bf16[0].float() > 0
     agreement = (a & b).flatten(2).sum(-1) / (a | b).flatten(2).sum(-1).clamp(min=1)
     assert agreement.median() > 0.97 and (bf16[1].float() - official[1]).abs().max() < 0.1
+
+
+def test_cpu_mask_decoder_recomputes_its_cache_for_a_new_tile(mobile_sam_segmenters) -> None:
+    """The first layer's image projections are cached per image embedding: a second tile
+    (or the same tile with a mask prompt) must not reuse the first tile's."""
+    from sam_geo.engine import cpu_mask_decoder
+
+    fp32, _ = mobile_sam_segmenters
+    model = fp32.model
+    fast = cpu_mask_decoder(model.mask_decoder)
+    with torch.inference_mode():
+        for tile, kind in [(4, "boxes"), (5, "boxes"), (5, "points"), (4, "boxes")]:
+            embedding, _ = fp32.encode(_scene_tile(tile))
+            args = {"image_embeddings": embedding, **_decoder_inputs(model, kind, 3, seed=tile),
+                    "multimask_output": True}
+            torch.testing.assert_close(fast(**args)[0], model.mask_decoder(**args)[0], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tile_px", [256, 700])
+def test_box_masks_are_the_official_ones_inside_their_kept_crop(mobile_sam_segmenters, tile_px: int) -> None:
+    """The CPU decoder computes box-prompt logits only in the window of the logits grid
+    that each prompt's kept crop reads: the thresholded crops equal those from the
+    official decoder's full grid, for boxes of many sizes, at tile edges included.
+    (700 px: the tile is resized to the model's frame and padded along no axis but one.)"""
+    from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT
+    from sam_geo.engine import _crop_for_prompt, logits_windows, upsample_crop
+
+    fp32, _ = mobile_sam_segmenters
+    backend = fp32.backend
+    rgb = np.random.default_rng(7).normal(100, 20, (tile_px, tile_px - 40, 3)).clip(0, 255).astype(np.uint8)
+    rgb[30:120, 20:150] = (230, 60, 40)
+    rng = np.random.default_rng(8)
+    corners = rng.uniform(-20, tile_px, (12, 2))
+    sizes = rng.uniform(4, tile_px / 2, (12, 2))
+    boxes = np.clip(np.concatenate([corners, corners + sizes], axis=1), 0, [tile_px - 40, tile_px] * 2)
+    boxes[0] = [0, 0, 10, 10]  # a corner box
+    prompts = PromptBatch(np.arange(12), boxes, np.zeros((12, 0, 2)), np.zeros((12, 0), np.int32))
+    embedding, input_hw = backend.encode(rgb)
+    frame = backend.logits_frame(rgb.shape[:2], input_hw)
+    with torch.inference_mode():
+        ours, ours_iou = backend.decode(embedding, input_hw, rgb.shape[:2], prompts)
+        fast = backend._cpu_decoder
+        backend._cpu_decoder = None
+        try:
+            official, official_iou = backend.decode(embedding, input_hw, rgb.shape[:2], prompts)
+        finally:
+            backend._cpu_decoder = fast
+    np.testing.assert_allclose(ours_iou, official_iou, atol=1e-4)
+    assert (ours == OUTSIDE_WINDOW_LOGIT).any()  # the windows did leave cells out
+    windows = logits_windows(prompts, rgb.shape[:2], frame)
+    for k in range(12):
+        row0, col0, row1, col1 = windows[k]
+        torch.testing.assert_close(ours[k, row0:row1, col0:col1], official[k, row0:row1, col0:col1],
+                                   atol=2e-3, rtol=1e-4)
+        crop = _crop_for_prompt(prompts, k, rgb.shape[:2])
+        a, b = upsample_crop(ours[k], crop, frame), upsample_crop(official[k], crop, frame)
+        assert (a != b).mean() < 1e-3 and a.any() == b.any()
+
+
+def test_factorized_decoder_matches_a_random_sam_decoder() -> None:
+    """The algebra holds for any weights (SAM ViT-B/L/H share this decoder): a randomly
+    initialised MaskDecoder with larger weights than a trained one, where a dropped bias
+    or a wrong head split would show."""
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    from sam_geo.decoder import FactorizedMaskDecoder
+
+    torch.manual_seed(3)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
+    with torch.no_grad():
+        for parameter in decoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    sparse = torch.randn(4, 3, 256)
+    dense = torch.randn(1, 256, 1, 1).expand(4, -1, 64, 64)
+    with torch.inference_mode():
+        official = decoder(image, pe, sparse, dense, True)
+        ours = FactorizedMaskDecoder(decoder)(image, pe, sparse, dense, True)
+    torch.testing.assert_close(ours[0], official[0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
+
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_precision_resolution(monkeypatch, fast_bf16: bool) -> None:

@@ -1,0 +1,306 @@
+"""SAM's mask decoder rearranged for the CPU: the same function, fewer multiply-adds.
+
+segment-anything's ``MaskDecoder`` copies the tile's image embedding once per prompt and
+runs every prompt's 4,096 image tokens through the full projections of its
+``TwoWayTransformer``: on a CPU that per-prompt work over the image tokens, not the
+image encoder, is the main cost of prompted and automatic segmentation.
+:class:`FactorizedMaskDecoder` computes the same logits and IoU predictions from the
+same modules and weights, with the algebra reordered so that
+
+* what does not depend on the prompt is computed once per image embedding (the first
+  layer's key, value and query projections of the image tokens, when the dense prompt
+  is SAM's constant "no mask" embedding, as for point and box prompts) and cached;
+* the attentions whose image tokens differ per prompt go through the few (7 or so)
+  prompt tokens instead of projecting 4,096 image tokens: with ``W_k``, ``W_v``, ``W_q``,
+  ``W_o`` one head's slices of the projection weights and ``x`` the image tokens,
+
+  - token-to-image: ``softmax(q W_k x^T) (x W_v^T + b_v) = softmax((q W_k) x^T) x W_v^T + b_v``
+    (the key bias adds one constant per row of scores, which softmax ignores; the rows
+    of a softmax sum to one, which carries ``b_v`` out);
+  - image-to-token: ``softmax((x W_q^T + b_q) k^T) v W_o^T = softmax(x (W_q^T k^T) + b_q k^T) (v W_o^T)``,
+
+  so a head's products over the image tokens are (4,096 x 256) by (256 x prompt tokens)
+  instead of (4,096 x 256) by (256 x 128) projections followed by the attention.
+
+With a box prompt (7 tokens) this is about half the multiply-adds of the official
+transformer per prompt. The output upscaling (two transposed convolutions, a channel
+LayerNorm and GELUs over each prompt's image tokens) runs channels-last
+(:class:`ChannelsLastUpscaling`), and, where the caller keeps a prompt's mask only in
+a window of the logits grid (``logits_windows``: a box prompt's mask is kept within
+the box grown by half its size), only over that window: every step of the upscaling
+is local (a 2 x 2 stride-2 transposed convolution maps one image token to 2 x 2
+outputs, the norm and GELUs act per pixel), so the logits inside the window are the
+official ones and those outside are set to :data:`OUTSIDE_WINDOW_LOGIT`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+OUTSIDE_WINDOW_LOGIT = -1000.0
+"""Mask logit given to the low-res cells outside a prompt's ``logits_windows`` entry
+(certain background)."""
+
+
+class ChannelsLastUpscaling(nn.Module):
+    """SAM's ``MaskDecoder.output_upscaling`` (transposed conv, LayerNorm2d, GELU,
+    transposed conv, GELU) on channels-last tensors, with the same modules and weights.
+
+    oneDNN's CPU transposed convolutions are about 40 times faster on channels-last
+    input (MobileSAM, bf16, 2 cores: 1.5 ms against 58 ms for 4 prompts), and the
+    channel LayerNorm becomes a plain ``layer_norm`` over the last dimension of the
+    NHWC view (the same mean and variance over channels as ``LayerNorm2d``).
+    """
+
+    def __init__(self, upscaling: nn.Sequential) -> None:
+        super().__init__()
+        self.conv1, self.norm, self.act1, self.conv2, self.act2 = upscaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+        nhwc = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.norm.weight, self.norm.bias, self.norm.eps)
+        return self.act2(self.conv2(self.act1(nhwc.permute(0, 3, 1, 2))))
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, n, heads * d) -> (b, heads, n, d)."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _head_weights(linear: nn.Linear, heads: int) -> torch.Tensor:
+    """A projection's weight (heads * d, c) as (heads, d, c): one (d, c) slice per head."""
+    out_dim, in_dim = linear.weight.shape
+    return linear.weight.reshape(heads, out_dim // heads, in_dim)
+
+
+def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """segment-anything's ``Attention(q, k, v)`` for few query tokens ``q`` (b, n, c)
+    against many image tokens ``k``, ``v`` (b or 1, L, c), without projecting the image
+    tokens: the query is carried into image-token space through ``W_k`` and the
+    attention-weighted image tokens back through ``W_v``. Returns (b, n, c)."""
+    heads = attn.num_heads
+    b, n, _ = q.shape
+    qh = _heads(attn.q_proj(q), heads)  # (b, h, n, d)
+    scale = 1.0 / math.sqrt(qh.shape[-1])
+    q_in_image = torch.einsum("bhnd,hdc->bhnc", qh, _head_weights(attn.k_proj, heads))
+    scores = (q_in_image.reshape(b, heads * n, -1) * scale) @ k.transpose(1, 2)  # (b, h*n, L)
+    weighted = (scores.softmax(dim=-1) @ v).reshape(b, heads, n, -1)  # (b, h, n, c)
+    out = torch.einsum("bhnc,hdc->bhnd", weighted, _head_weights(attn.v_proj, heads))
+    out = out + attn.v_proj.bias.reshape(heads, 1, -1)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def token_to_image_projected(
+    attn: nn.Module, q: torch.Tensor, k_proj: torch.Tensor, v_proj: torch.Tensor
+) -> torch.Tensor:
+    """``Attention(q, k, v)`` given the image tokens' key and value projections
+    ``k_proj``, ``v_proj`` (1, L, internal) computed once for all prompts."""
+    heads = attn.num_heads
+    b, n, _ = q.shape
+    qh = _heads(attn.q_proj(q), heads)
+    out = F.scaled_dot_product_attention(qh, _heads(k_proj, heads), _heads(v_proj, heads))
+    return attn.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def image_to_token(
+    attn: nn.Module,
+    image: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    residual: torch.Tensor,
+    image_q_proj: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + Attention(image, k, v)`` for many image query tokens ``image``
+    (b or 1, L, c) against few prompt tokens ``k``, ``v`` (b, n, c). The image tokens
+    are not projected: the prompt keys are carried into image-token space through
+    ``W_q`` and the values through ``W_o``, so the products over the image tokens are
+    (L, c) by (c, heads * n). ``image_q_proj`` (1, L, internal), when given instead of
+    ``image``, is the image tokens' query projection computed once for all prompts.
+    Returns (b, L, c)."""
+    heads = attn.num_heads
+    b, n, _ = k.shape
+    kh = _heads(attn.k_proj(k), heads)  # (b, h, n, d)
+    vh = _heads(attn.v_proj(v), heads)
+    scale = 1.0 / math.sqrt(kh.shape[-1])
+    # Scores are laid out (b, h*n, L), image tokens last: the softmax over each head's
+    # n tokens then runs along rows of length L, which vectorizes (a softmax over a last
+    # dimension of 7 does not).
+    if image_q_proj is not None:
+        # Block-diagonal keys (b, h*n, h*d): one product gives every head's scores.
+        d = kh.shape[-1]
+        blocks = kh.new_zeros(b, heads, n, heads, d)
+        index = torch.arange(heads, device=kh.device)
+        blocks[:, index, :, index, :] = kh.transpose(0, 1) * scale
+        scores = blocks.reshape(b, heads * n, heads * d) @ image_q_proj.transpose(1, 2)
+    elif image is not None:
+        wq = _head_weights(attn.q_proj, heads)  # (h, d, c)
+        key_in_image = torch.einsum("bhnd,hdc->bhnc", kh, wq).reshape(b, heads * n, -1) * scale  # (b, h*n, c)
+        bias = torch.einsum("bhnd,hd->bhn", kh, attn.q_proj.bias.reshape(heads, -1)).reshape(b, heads * n, 1)
+        scores = torch.baddbmm(bias * scale, key_in_image, image.expand(b, -1, -1).transpose(1, 2))
+    else:
+        raise ValueError("image_to_token needs the image tokens or their query projection")
+    weights = scores.reshape(b, heads, n, -1).softmax(dim=2).reshape(b, heads * n, -1).transpose(1, 2)  # (b, L, h*n)
+    wo = attn.out_proj.weight.reshape(attn.out_proj.weight.shape[0], heads, -1)  # (c, h, d)
+    # Each head's weights sum to one over its n tokens, so adding b_o / heads to every
+    # row of the values adds b_o to the output.
+    value_in_image = torch.einsum("bhnd,chd->bhnc", vh, wo) + attn.out_proj.bias / heads
+    return torch.baddbmm(residual.expand(b, -1, -1), weights, value_in_image.reshape(b, heads * n, -1))
+
+
+class FactorizedMaskDecoder(nn.Module):
+    """A drop-in copy of segment-anything's ``MaskDecoder`` (same call, same outputs)
+    that computes its transformer as described in this module's docstring.
+
+    ``decoder`` is copied, not shared: the copy's weights are cast to ``dtype`` (bf16 runs
+    outside autocast: autocast would re-cast weights and activations around every layer).
+    The image embedding must have batch 1 (one tile, many prompts), as everywhere in
+    sam-geo; other calls go to the official code path of the copy.
+    """
+
+    def __init__(self, decoder: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.decoder = copy.deepcopy(decoder).to(dtype).eval()
+        self.upscaling = ChannelsLastUpscaling(self.decoder.output_upscaling)
+        self._shared: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+        logits_windows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (b, k, 256, 256) and IoU predictions (b, k): ``k`` 3 with
+        ``multimask_output`` (SAM's masks 1-3), else 1 (mask 0), as the official decoder.
+
+        ``logits_windows`` (b, 4) int, optional: per prompt ``(row0, col0, row1, col1)``
+        cells of the low-res logits grid (end-exclusive; rounded out to whole image
+        tokens, 4 cells) that are computed; the rest is :data:`OUTSIDE_WINDOW_LOGIT`.
+        """
+        if image_embeddings.shape[0] != 1:
+            return self.decoder(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                                multimask_output)
+        masks, iou = self._predict(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+                                   logits_windows)
+        keep = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, keep], iou[:, keep]
+
+    def _predict(
+        self,
+        image: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        logits_windows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.decoder
+        transformer = d.transformer
+        b = sparse.shape[0]
+        _, c, h, w = image.shape
+        output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        # SAM's dense prompt for "no mask" is one embedding expanded over batch and space:
+        # then every prompt starts from the same image tokens.
+        if dense.shape[0] == 1 or dense.stride(0) == 0:
+            dense = dense[:1]
+        # (1 or b, L, c), token rows in row-major pixel order
+        src = (image + dense).flatten(2).transpose(1, 2).contiguous()
+        pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        queries, keys = tokens, src
+        for index, layer in enumerate(transformer.layers):
+            shared = self._shared_projections(layer, src, pe) if index == 0 and src.shape[0] == 1 else None
+            queries, keys = self._block(layer, queries, keys, tokens, pe, shared)
+        attn_out = token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
+        queries = transformer.norm_final_attn(queries + attn_out)
+
+        iou_token_out = queries[:, 0, :]
+        mask_tokens_out = queries[:, 1 : 1 + d.num_mask_tokens, :]
+        image_tokens = keys.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
+        )
+        if logits_windows is None:
+            masks = self._masks(image_tokens, hyper_in)
+        else:
+            masks = self._masks_in_windows(image_tokens, hyper_in, logits_windows)
+        return masks, d.iou_prediction_head(iou_token_out)
+
+    def _masks(self, image_tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """Mask logits (b, masks, 4h, 4w): the hypernetwork outputs (b, masks, 32)
+        against the upscaled image tokens (b, c, h, w)."""
+        upscaled = self.upscaling(image_tokens)
+        b, c, h, w = upscaled.shape
+        return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+
+    def _masks_in_windows(
+        self, image_tokens: torch.Tensor, hyper_in: torch.Tensor, logits_windows: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`_masks` computed only inside each prompt's window of the logits grid."""
+        b, _, h, w = image_tokens.shape
+        cell = 4  # logits cells per image token along each axis (two stride-2 upscalings)
+        out = image_tokens.new_full((b, hyper_in.shape[1], cell * h, cell * w), OUTSIDE_WINDOW_LOGIT)
+        for i, (row0, col0, row1, col1) in enumerate(logits_windows.tolist()):
+            t_row0, t_col0 = max(0, row0 // cell), max(0, col0 // cell)
+            t_row1, t_col1 = min(h, -(-row1 // cell)), min(w, -(-col1 // cell))
+            if t_row1 <= t_row0 or t_col1 <= t_col0:
+                continue
+            window = image_tokens[i : i + 1, :, t_row0:t_row1, t_col0:t_col1]
+            out[i, :, cell * t_row0 : cell * t_row1, cell * t_col0 : cell * t_col1] = self._masks(
+                window, hyper_in[i : i + 1]
+            )[0]
+        return out
+
+    def _shared_projections(self, layer: nn.Module, src: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The first layer's image-token projections (key and value of token-to-image,
+        query of image-to-token), computed once per image embedding and dense prompt:
+        the last ones are kept and reused while the same image tokens come back."""
+        if self._shared is not None and self._shared[0].shape == src.shape and torch.equal(self._shared[0], src):
+            return self._shared[1]
+        with_pe = src + pe
+        projections = (
+            layer.cross_attn_token_to_image.k_proj(with_pe),
+            layer.cross_attn_token_to_image.v_proj(src),
+            layer.cross_attn_image_to_token.q_proj(with_pe),
+        )
+        self._shared = (src.clone(), projections)
+        return projections
+
+    @staticmethod
+    def _block(
+        layer: nn.Module,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        shared: tuple[torch.Tensor, ...] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """segment-anything's ``TwoWayAttentionBlock.forward``, step for step."""
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+
+        q = queries + query_pe
+        keys_with_pe = None if shared is not None else keys + key_pe
+        if shared is not None:
+            attn_out = token_to_image_projected(layer.cross_attn_token_to_image, q, shared[0], shared[1])
+        else:
+            attn_out = token_to_image(layer.cross_attn_token_to_image, q, keys_with_pe, keys)
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        q = queries + query_pe
+        image_q_proj = shared[2] if shared is not None else None
+        keys = image_to_token(layer.cross_attn_image_to_token, keys_with_pe, q, queries, keys, image_q_proj)
+        return queries, layer.norm4(keys)
