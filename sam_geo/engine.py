@@ -395,11 +395,12 @@ class SamBackend:
         sparse, dense = self.model.prompt_encoder(
             points=(points, labels) if points is not None else None, boxes=boxes, masks=masks
         )
+        frame = self.logits_frame(tile_hw, input_hw)
         windows = None
         if has_box.all() and self._cpu_decoder is not None:
-            windows = torch.as_tensor(logits_windows(prompts, tile_hw, self.logits_frame(tile_hw, input_hw)))
+            windows = torch.as_tensor(logits_windows(prompts, tile_hw, frame))
         low_res, iou = self.run_mask_decoder(embedding, sparse, dense, multimask, windows)
-        best = choose_masks(low_res, iou, prompts.areas, self.logits_frame(tile_hw, input_hw))
+        best = choose_masks(low_res, iou, prompts.areas, frame)
         rows = torch.arange(len(best), device=device)
         return low_res[rows, best], iou[rows, best].float().cpu().numpy()
 
@@ -627,7 +628,8 @@ def choose_masks(
     """Index of the mask kept per prompt among SAM's candidates.
 
     The rule: the candidate closest in area to the prompt polygon when the prompt has
-    one (``areas``, tile pixels; areas of candidates are measured on the low-res logits),
+    one (``areas``, tile pixels; areas of candidates are measured on the low-res logits,
+    which for box prompts on the CPU decoder cover only the window the mask is kept in),
     else the highest predicted IoU.
     """
     best = iou.argmax(dim=1)
