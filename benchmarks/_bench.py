@@ -199,12 +199,15 @@ def mean_times(runs: list[ModelTimes]) -> ModelTimes:
     )
 
 
-def driver_segmenter(model: str, weights: str, device: str, workers: int, batch_size: int | None) -> TileSegmenter:
+def driver_segmenter(
+    model: str, weights: str, device: str, workers: int, batch_size: int | None, decoder_context_px: int | None = None
+) -> TileSegmenter:
     """A TileSegmenter built as the runtime builds an actor's (same torch thread count on CPU)."""
     threads = None
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    return TileSegmenter(EngineConfig(model, weights, device=device, batch_size=batch_size, threads=threads))
+    return TileSegmenter(EngineConfig(model, weights, device=device, batch_size=batch_size, threads=threads,
+                                      decoder_context_px=decoder_context_px))
 
 
 def shutdown_ray() -> None:

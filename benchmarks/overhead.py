@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=None)
     parser.add_argument("--overlap", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--decoder-context", type=int, default=None,
+                        help="CPU decoder context for box prompts, model pixels (default: the whole tile, exact)")
     parser.add_argument("--no-auto", action="store_true", help="skip automatic mode even if available")
     parser.add_argument("--no-prompted", action="store_true", help="skip prompted mode")
     parser.add_argument("--bracket", action="store_true",
@@ -83,7 +85,8 @@ def main() -> None:
 
     overrides = {k: v for k, v in {"tile_size": args.tile_size, "overlap": args.overlap}.items() if v is not None}
     settings = SegmentSettings(
-        model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size, **overrides
+        model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
+        decoder_context_px=args.decoder_context, **overrides
     )
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +159,8 @@ def automatic(scene: Path, args: argparse.Namespace, settings: SegmentSettings, 
 
 def model_alone(args: argparse.Namespace, tasks: list, mode: str, points: tuple = (32, None)) -> ModelTimes:
     """Model-alone seconds in this process (Ray not running), on ``tasks``' tiles."""
-    segmenter = driver_segmenter(args.model, args.weights, args.device, args.workers, args.batch_size)
+    segmenter = driver_segmenter(args.model, args.weights, args.device, args.workers, args.batch_size,
+                                 args.decoder_context)
     try:
         return time_model_on_tasks(segmenter, tasks, mode=mode, auto_points=points)
     finally:

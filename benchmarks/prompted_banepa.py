@@ -3,7 +3,7 @@
 Prints per-building IoU figures against ``buildings_utm45n.geojson`` (a building with no
 output counts as 0) and the run summary's stage seconds.
 
-    python benchmarks/prompted_banepa.py [--prompt-as box|box+point|point] [--workers N] [--precision bf16] [--output out.gpkg]
+    python benchmarks/prompted_banepa.py [--prompt-as box|box+point|point] [--workers N] [--precision bf16] [--decoder-context 256] [--output out.gpkg]
 
 Also prints the same figures, plus SpaceNet-style F1 (``sam_geo.evaluate``), for the
 outlines after ``regularize_buildings`` at 0.5 and 1.0 m tolerance, so ``--regularize``
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--prompt-as", default="auto")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--decoder-context", type=int, default=None,
+                        help="CPU decoder context, model pixels (default: the whole tile, exact)")
     parser.add_argument("--output", default=None, help="also write the polygons here (.gpkg, .geojson, .parquet)")
     args = parser.parse_args()
     prompts = gpd.read_file(BANEPA / "osm_buildings_4326.geojson")
@@ -44,6 +46,7 @@ def main() -> None:
         id_column="osm_id",
         weights=str(WEIGHTS),
         precision=args.precision,
+        decoder_context_px=args.decoder_context,
         runtime=RuntimeOptions(workers=args.workers, progress=False),
         output=args.output,
         overwrite=args.output is not None,
@@ -52,7 +55,7 @@ def main() -> None:
     truth = gpd.read_file(BANEPA / "buildings_utm45n.geojson")
     ious = per_object_iou(gdf, truth, "osm_id")
     summary = gdf.attrs["summary"]
-    print(f"prompt_as={args.prompt_as} workers={args.workers} precision={args.precision} buildings={len(truth)}")
+    print(f"prompt_as={args.prompt_as} workers={args.workers} precision={args.precision} decoder_context={args.decoder_context} buildings={len(truth)}")
     print(f"median IoU {np.median(ious):.4f}  mean {ious.mean():.4f}  share>=0.5 {(ious >= 0.5).mean():.4f}"
           f"  share>=0.75 {(ious >= 0.75).mean():.4f}")
     print(f"wall {wall:.1f} s; per prompt {1000 * summary['seconds']['decode'] / summary['prompts']['used']:.1f} ms decode")

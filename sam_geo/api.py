@@ -87,6 +87,12 @@ class SegmentSettings:
     """Model arithmetic: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``."""
     encode_batch: int | None = None
     """Tiles per image-encoder call (None: 4 on CUDA, 1 on CPU)."""
+    decoder_context_px: int | None = None
+    """CPU only, box prompts: the mask decoder attends to a square of this many model
+    pixels a side around each box instead of the whole tile (rounded up to 16 px cells;
+    at least the box grown by half its size). Faster, slightly different masks: on
+    Banepa 256 px cut decoding 3x at a median IoU of 0.854 against 0.857 (see README).
+    None or 0: the whole tile, SAM's own decoder outputs."""
 
     def validate(self) -> None:
         if self.min_area_m2 < 0 or not math.isfinite(self.min_area_m2):
@@ -109,6 +115,9 @@ class SegmentSettings:
             raise ConfigError("fp16 needs a CUDA GPU; use --precision bf16 or fp32 with --device cpu")
         if self.encode_batch is not None and not (1 <= self.encode_batch <= 64):
             raise ConfigError(f"encode batch must be between 1 and 64 tiles, got {self.encode_batch}")
+        context = self.decoder_context_px
+        if context is not None and context != 0 and not (64 <= context <= 4096):
+            raise ConfigError(f"decoder context must be 0 (the whole tile) or 64 to 4096 model pixels, got {context}")
 
 
 def segment(
@@ -208,6 +217,7 @@ def segment(
         batch_size=settings.batch_size,
         precision=settings.precision,
         encode_batch=settings.encode_batch,
+        decoder_context_px=settings.decoder_context_px,
         multimask=settings.multimask,
         min_area=_min_area_in_crs_units(infos[0], settings.min_area_m2),
         simplify=_metres_in_crs_units(infos[0], settings.simplify_m),

@@ -735,6 +735,7 @@ def _segment_auto_scene(
         batch_size=settings.batch_size,
         precision=settings.precision,
         encode_batch=settings.encode_batch,
+        decoder_context_px=settings.decoder_context_px,
         min_area=_min_area_in_crs_units(info, settings.min_area_m2),
         simplify=_metres_in_crs_units(info, settings.simplify_m),
     )

@@ -46,6 +46,7 @@ class _CommandSection(_Section):
     device: str | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
     encode_batch: int | None = Field(default=None, ge=1, le=64)
+    decoder_context: int | None = Field(default=None, ge=0, le=4096)
     workers: int | None = Field(default=None, ge=0)
     address: str | None = None
 
@@ -93,6 +94,7 @@ class ModelSection(_Section):
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None
     encode_batch: int | None = Field(default=None, ge=1, le=64)
+    decoder_context: int | None = Field(default=None, ge=0, le=4096)
 
 
 class ConfigFile(_Section):

@@ -162,12 +162,23 @@ class FactorizedMaskDecoder(nn.Module):
     outside autocast: autocast would re-cast weights and activations around every layer).
     The image embedding must have batch 1 (one tile, many prompts), as everywhere in
     sam-geo; other calls go to the official code path of the copy.
+
+    ``context`` (image-embedding cells a side; None: the whole grid, the official
+    outputs): with ``logits_windows``, each prompt's transformer runs on a square of
+    ``context`` cells (or its window rounded up to 4 cells, where larger) centred on its
+    window and clamped to the grid, instead of on all of them. SAM's token-to-image
+    attention is global, so this is an approximation, not a rearrangement: on 458
+    Banepa boxes, 16 cells gave masks at a median IoU of 0.984 with the exact ones
+    (0.990 at 48; identical at 64, the whole grid) for a quarter of the decoder time.
     """
 
-    def __init__(self, decoder: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, decoder: nn.Module, dtype: torch.dtype = torch.float32, context: int | None = None) -> None:
         super().__init__()
         self.decoder = copy.deepcopy(decoder).to(dtype).eval()
         self.upscaling = ChannelsLastUpscaling(self.decoder.output_upscaling)
+        if context is not None and context < 1:
+            raise ValueError(f"context must be a positive number of image-embedding cells, got {context}")
+        self.context = context
         self._shared: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
     def forward(
@@ -189,8 +200,12 @@ class FactorizedMaskDecoder(nn.Module):
         if image_embeddings.shape[0] != 1:
             return self.decoder(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                                 multimask_output)
-        masks, iou = self._predict(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-                                   logits_windows)
+        if logits_windows is not None and self.context:
+            masks, iou = self._predict_in_context(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                  dense_prompt_embeddings, logits_windows)
+        else:
+            masks, iou = self._predict(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                       dense_prompt_embeddings, logits_windows)
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, keep], iou[:, keep]
 
@@ -219,20 +234,110 @@ class FactorizedMaskDecoder(nn.Module):
         for index, layer in enumerate(transformer.layers):
             shared = self._shared_projections(layer, src, pe) if index == 0 and src.shape[0] == 1 else None
             queries, keys = self._block(layer, queries, keys, tokens, pe, shared)
-        attn_out = token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
-        queries = transformer.norm_final_attn(queries + attn_out)
-
-        iou_token_out = queries[:, 0, :]
-        mask_tokens_out = queries[:, 1 : 1 + d.num_mask_tokens, :]
+        hyper_in, iou = self._outputs(queries, keys, tokens, pe)
         image_tokens = keys.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels-last view
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
-        )
         if logits_windows is None:
             masks = self._masks(image_tokens, hyper_in)
         else:
             masks = self._masks_in_windows(image_tokens, hyper_in, logits_windows)
-        return masks, d.iou_prediction_head(iou_token_out)
+        return masks, iou
+
+    def _outputs(
+        self, queries: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the transformer's layers: its final token-to-image attention, then the
+        hypernetwork outputs (b, masks, 32) and IoU predictions (b, masks)."""
+        d = self.decoder
+        transformer = d.transformer
+        attn_out = token_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + pe, keys)
+        queries = transformer.norm_final_attn(queries + attn_out)
+        mask_tokens_out = queries[:, 1 : 1 + d.num_mask_tokens, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(d.output_hypernetworks_mlps)], dim=1
+        )
+        return hyper_in, d.iou_prediction_head(queries[:, 0, :])
+
+    def _predict_in_context(
+        self,
+        image: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        logits_windows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_predict` with each prompt's transformer restricted to a square of
+        image tokens around its logits window: ``context`` tokens a side, or the window
+        rounded up to a multiple of 4 tokens where it is larger, clamped to the grid."""
+        d = self.decoder
+        b = sparse.shape[0]
+        _, c, h, w = image.shape
+        cell = 4
+        output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        if dense.shape[0] == 1 or dense.stride(0) == 0:
+            dense = dense[:1]
+        src = (image + dense).permute(0, 2, 3, 1)  # (1 or b, h, w, c)
+        pe = image_pe.permute(0, 2, 3, 1)  # (1, h, w, c)
+        shared_full = None
+        if src.shape[0] == 1:
+            layer = self.decoder.transformer.layers[0]
+            shared_full = [p.reshape(1, h, w, -1) for p in self._shared_projections(
+                layer, src.reshape(1, h * w, c).contiguous(), pe.reshape(1, h * w, c).contiguous())]
+        windows = logits_windows.tolist()
+        origins, sides = [], []
+        for row0, col0, row1, col1 in windows:
+            t_r0, t_c0 = max(0, row0 // cell), max(0, col0 // cell)
+            t_r1, t_c1 = min(h, -(-row1 // cell)), min(w, -(-col1 // cell))
+            side = max(self.context, -(-max(t_r1 - t_r0, t_c1 - t_c0, 1) // 4) * 4)
+            side_r, side_c = min(side, h), min(side, w)
+            o_r = min(max(0, (t_r0 + t_r1 - side_r) // 2), h - side_r)
+            o_c = min(max(0, (t_c0 + t_c1 - side_c) // 2), w - side_c)
+            origins.append((o_r, o_c))
+            sides.append((side_r, side_c))
+        n_masks = d.num_mask_tokens
+        masks = image.new_full((b, n_masks, cell * h, cell * w), OUTSIDE_WINDOW_LOGIT)
+        iou = image.new_zeros((b, n_masks))
+        for side_r, side_c in sorted(set(sides)):
+            rows = [i for i in range(b) if sides[i] == (side_r, side_c)]
+
+            def crop(x: torch.Tensor) -> torch.Tensor:
+                parts = [x[min(i, x.shape[0] - 1), origins[i][0] : origins[i][0] + side_r,
+                           origins[i][1] : origins[i][1] + side_c] for i in rows]
+                return torch.stack(parts).reshape(len(rows), side_r * side_c, -1)
+
+            shared = None if shared_full is None else tuple(crop(p) for p in shared_full)
+            group_masks, group_iou = self._transform_and_predict(
+                tokens[rows], crop(src), crop(pe), shared, (side_r, side_c),
+                [(windows[i], origins[i]) for i in rows], (cell * h, cell * w))
+            masks[rows] = group_masks
+            iou[rows] = group_iou
+        return masks, iou
+
+    def _transform_and_predict(
+        self,
+        tokens: torch.Tensor,
+        src: torch.Tensor,
+        pe: torch.Tensor,
+        shared: tuple[torch.Tensor, ...] | None,
+        hw: tuple[int, int],
+        windows: list[tuple[list[int], tuple[int, int]]],
+        full: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer and outputs for prompts that share one crop size ``hw``
+        (image-token rows, cols): ``src``, ``pe`` and ``shared`` are each prompt's crop
+        (b, rows * cols, ...); ``windows`` pairs each prompt's logits window with its
+        crop's origin (token row, col); ``full`` is the whole logits grid (rows, cols)."""
+        transformer = self.decoder.transformer
+        b = tokens.shape[0]
+        h, w = hw
+        c = src.shape[-1]
+        queries, keys = tokens, src
+        for index, layer in enumerate(transformer.layers):
+            queries, keys = self._block(layer, queries, keys, tokens, pe, shared if index == 0 else None)
+        hyper_in, iou = self._outputs(queries, keys, tokens, pe)
+        image_tokens = keys.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self._masks_in_windows(image_tokens, hyper_in, [wd for wd, _ in windows],
+                                      [o for _, o in windows], full), iou
 
     def _masks(self, image_tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """Mask logits (b, masks, 4h, 4w): the hypernetwork outputs (b, masks, 32)
@@ -242,18 +347,30 @@ class FactorizedMaskDecoder(nn.Module):
         return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
 
     def _masks_in_windows(
-        self, image_tokens: torch.Tensor, hyper_in: torch.Tensor, logits_windows: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        hyper_in: torch.Tensor,
+        logits_windows: torch.Tensor | list[list[int]],
+        origins: list[tuple[int, int]] | None = None,
+        full: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """:meth:`_masks` computed only inside each prompt's window of the logits grid."""
+        """:meth:`_masks` computed only inside each prompt's window of the logits grid.
+
+        ``image_tokens`` (b, c, h, w) may be a crop per prompt whose first token sits at
+        ``origins[i]`` (row, col) of the image-token grid; ``full`` is then the logits
+        grid's (rows, cols). Without them the tokens are the whole grid."""
         b, _, h, w = image_tokens.shape
         cell = 4  # logits cells per image token along each axis (two stride-2 upscalings)
-        out = image_tokens.new_full((b, hyper_in.shape[1], cell * h, cell * w), OUTSIDE_WINDOW_LOGIT)
-        for i, (row0, col0, row1, col1) in enumerate(logits_windows.tolist()):
-            t_row0, t_col0 = max(0, row0 // cell), max(0, col0 // cell)
-            t_row1, t_col1 = min(h, -(-row1 // cell)), min(w, -(-col1 // cell))
+        rows, cols = full or (cell * h, cell * w)
+        out = image_tokens.new_full((b, hyper_in.shape[1], rows, cols), OUTSIDE_WINDOW_LOGIT)
+        windows = logits_windows.tolist() if isinstance(logits_windows, torch.Tensor) else logits_windows
+        for i, (row0, col0, row1, col1) in enumerate(windows):
+            o_r, o_c = origins[i] if origins is not None else (0, 0)
+            t_row0, t_col0 = max(o_r, row0 // cell), max(o_c, col0 // cell)
+            t_row1, t_col1 = min(o_r + h, -(-row1 // cell)), min(o_c + w, -(-col1 // cell))
             if t_row1 <= t_row0 or t_col1 <= t_col0:
                 continue
-            window = image_tokens[i : i + 1, :, t_row0:t_row1, t_col0:t_col1]
+            window = image_tokens[i : i + 1, :, t_row0 - o_r : t_row1 - o_r, t_col0 - o_c : t_col1 - o_c]
             out[i, :, cell * t_row0 : cell * t_row1, cell * t_col0 : cell * t_col1] = self._masks(
                 window, hyper_in[i : i + 1]
             )[0]

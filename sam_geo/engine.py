@@ -92,6 +92,11 @@ class EngineConfig:
     on a CUDA GPU that supports it (else fp16), fp32 on CPU."""
     encode_batch: int | None = None
     """Tiles per image-encoder call; None: :data:`GPU_ENCODE_BATCH` on CUDA, 1 on CPU."""
+    decoder_context_px: int | None = None
+    """CPU mask decoder (SAM and MobileSAM): each box prompt's decoder attends to a square
+    of this many model pixels a side around its box (at least the box's mask window),
+    not the whole tile; None or 0: the whole tile, SAM's own outputs. No effect on CUDA
+    or on point-only prompts."""
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,9 @@ class EncodeBatcher:
                 future.set_result(output)
 
 
-def cpu_mask_decoder(decoder: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def cpu_mask_decoder(
+    decoder: torch.nn.Module, dtype: torch.dtype = torch.float32, context: int | None = None
+) -> torch.nn.Module:
     """A copy of SAM's official ``MaskDecoder`` that runs fast on CPU, same outputs:
     :class:`sam_geo.decoder.FactorizedMaskDecoder` with weights in ``dtype`` (bf16 runs
     outside autocast, which would re-cast weights and activations around every layer).
@@ -264,10 +271,14 @@ def cpu_mask_decoder(decoder: torch.nn.Module, dtype: torch.dtype = torch.float3
     with the prompt-independent projections done once per tile and the per-prompt
     attentions carried through the few prompt tokens instead (see that module).
     Timings: ``benchmarks/decoder_batch.py`` (figures in DESIGN.md).
+
+    ``context`` (image-embedding cells a side, None: the whole grid) restricts each box
+    prompt's transformer to a square around its box: faster, no longer the same outputs
+    (see :class:`~sam_geo.decoder.FactorizedMaskDecoder`).
     """
     from .decoder import FactorizedMaskDecoder
 
-    return FactorizedMaskDecoder(decoder, dtype)
+    return FactorizedMaskDecoder(decoder, dtype, context)
 
 
 class SamBackend:
@@ -288,10 +299,14 @@ class SamBackend:
         self.multimask = multimask
         self._cpu_decoder: torch.nn.Module | None = None
 
-    def use_cpu_decoder(self, dtype: torch.dtype) -> None:
+    def use_cpu_decoder(self, dtype: torch.dtype, context_px: int | None = None) -> None:
         """Run the mask decoder as :func:`cpu_mask_decoder` builds it: weights in
-        ``dtype``, outside autocast, channels-last. See that function for why."""
-        self._cpu_decoder = cpu_mask_decoder(self.model.mask_decoder, dtype)
+        ``dtype``, outside autocast, channels-last. See that function for why.
+        ``context_px``: see :attr:`EngineConfig.decoder_context_px` (model pixels,
+        rounded up to whole image-embedding cells)."""
+        grid = self.model.prompt_encoder.image_embedding_size[0]
+        context = None if not context_px else -(-context_px * grid // self.image_size)
+        self._cpu_decoder = cpu_mask_decoder(self.model.mask_decoder, dtype, context)
 
     def run_mask_decoder(
         self,
@@ -435,7 +450,7 @@ class TileSegmenter:
         self.batch_size = config.batch_size or default_batch
         self.autocast_dtype = resolve_precision(config.precision, self.device)
         if self.device.type == "cpu" and isinstance(self.backend, SamBackend):
-            self.backend.use_cpu_decoder(self.autocast_dtype)
+            self.backend.use_cpu_decoder(self.autocast_dtype, config.decoder_context_px)
         self.encode_batch = config.encode_batch or (GPU_ENCODE_BATCH if self.device.type == "cuda" else 1)
         self._batcher = EncodeBatcher(self._encode_timed, self.encode_batch) if self.encode_batch > 1 else None
 

@@ -209,6 +209,7 @@ def segment_text(
         batch_size=settings.batch_size,
         precision=settings.precision,
         encode_batch=settings.encode_batch,
+        decoder_context_px=settings.decoder_context_px,
         min_area=_min_area_in_crs_units(infos[0], settings.min_area_m2),
         simplify=_metres_in_crs_units(infos[0], settings.simplify_m),
         detector=detector,

@@ -5,12 +5,16 @@ Each actor builds one model when it starts (on its GPU when the cluster has GPUs
 scenes it is asked to read. Tasks are descriptors (scene path, tile, prompts), never
 pixels; results are polygons as WKB.
 
-Keeping the model busy: every actor is a threaded actor with several tasks in flight
-(:func:`tasks_per_actor`: two on CPU, ``encode_batch + 1`` on a GPU);
+Keeping the model busy: on a GPU every actor is a threaded actor with several tasks in
+flight (:func:`tasks_per_actor`: ``encode_batch + 1``);
 :class:`~sam_geo.engine.TileSegmenter` serialises model calls with a lock, so one task's
-window read and vectorization overlap another's encoder and decoder work, and on a GPU
-the tiles of several tasks go through the image encoder in one batch
-(:class:`~sam_geo.engine.EncodeBatcher`).
+window read and vectorization overlap another's encoder and decoder work, and the tiles
+of several tasks go through the image encoder in one batch
+(:class:`~sam_geo.engine.EncodeBatcher`). On CPU an actor runs one task at a time: its
+torch threads already use every core it has, so there is nothing to overlap with, and a
+second Python thread reading or vectorizing holds the GIL that each of the decoder's
+many small torch calls needs (measured: the decoder ran 40-55 % slower inside the
+actor than alone; one task at a time brings it back to its alone speed).
 
 Fault tolerance, in two layers:
 
@@ -46,16 +50,18 @@ MAX_RESTARTS = 3
 """How often Ray restarts an actor, and retries the tasks it held, after a crash."""
 
 TASKS_PER_ACTOR = 2
-"""Tasks in flight per actor when tiles are encoded one at a time: one using the model,
-one reading or vectorizing."""
+"""Fewest tasks in flight per GPU actor: one using the model, one reading or vectorizing."""
 
 
 def tasks_per_actor(config: EngineConfig, on_gpu: bool) -> int:
-    """Tasks in flight per actor: enough to fill an encoder batch while one more task
-    reads or vectorizes (``encode_batch + 1``), at least :data:`TASKS_PER_ACTOR`."""
+    """Tasks in flight per actor. On a GPU: enough to fill an encoder batch while one
+    more task reads or vectorizes (``encode_batch + 1``), at least
+    :data:`TASKS_PER_ACTOR`. On CPU: 1 (see the module docstring for why)."""
     from .engine import GPU_ENCODE_BATCH
 
-    encode_batch = config.encode_batch or (GPU_ENCODE_BATCH if on_gpu else 1)
+    if not on_gpu:
+        return 1
+    encode_batch = config.encode_batch or GPU_ENCODE_BATCH
     return max(TASKS_PER_ACTOR, encode_batch + 1)
 
 

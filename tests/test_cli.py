@@ -87,6 +87,8 @@ def test_segment_writes_geojson_and_summary(small_scene, tmp_path: Path, capsys)
         (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--tile-size", "256",
           "--overlap", "128"], "twice the overlap"),
         (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--min-area", "-3"], "min area"),
+        (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--decoder-context", "20"],
+         "decoder context"),
         (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--weights", "{tmp}/bad.pt"],
          "sha256"),
         (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--config", "{tmp}/typo.yaml"],

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from affine import Affine
 
+from sam_geo.errors import ConfigError
 from sam_geo.engine import _decode_batches, _to_tile_pixels, choose_masks, mask_prompt_logits, upsample_crop
 from sam_geo.prompts import PromptBatch
 from sam_geo.tiles import TileGrid
@@ -308,6 +309,58 @@ def test_factorized_decoder_matches_a_random_sam_decoder() -> None:
         ours = FactorizedMaskDecoder(decoder)(image, pe, sparse, dense, True)
     torch.testing.assert_close(ours[0], official[0], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
+
+
+def _random_decoder() -> torch.nn.Module:
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    torch.manual_seed(5)
+    return MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                       transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
+
+
+def test_decoder_context_of_the_whole_grid_gives_the_exact_outputs_and_smaller_stays_in_windows() -> None:
+    """A context as large as the embedding grid is the exact decoder (same windows, same
+    logits); a small one keeps every prompt's logits inside its window, the rest at
+    OUTSIDE_WINDOW_LOGIT, for windows in the grid's corners, middle and larger than the
+    context (a 40-cell box with a 16-cell context)."""
+    from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
+
+    decoder = _random_decoder()
+    image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    sparse = torch.randn(4, 7, 256)
+    dense = torch.randn(1, 256, 1, 1).expand(4, -1, 64, 64)
+    # (row0, col0, row1, col1) of the 256 x 256 logits grid: corner, far corner, middle, large
+    windows = torch.tensor([[0, 0, 30, 22], [230, 241, 256, 256], [100, 90, 140, 150], [10, 60, 170, 220]])
+    with torch.inference_mode():
+        exact = FactorizedMaskDecoder(decoder)(image, pe, sparse, dense, False, windows)
+        whole = FactorizedMaskDecoder(decoder, context=64)(image, pe, sparse, dense, False, windows)
+        local = FactorizedMaskDecoder(decoder, context=16)(image, pe, sparse, dense, False, windows)
+    torch.testing.assert_close(whole[0], exact[0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(whole[1], exact[1], atol=1e-4, rtol=1e-4)
+    assert local[0].shape == exact[0].shape and local[1].shape == exact[1].shape
+    for k, (r0, c0, r1, c1) in enumerate(windows.tolist()):
+        inside = torch.zeros(256, 256, dtype=torch.bool)
+        inside[r0 // 4 * 4 : -(-r1 // 4) * 4, c0 // 4 * 4 : -(-c1 // 4) * 4] = True
+        assert bool((local[0][k, 0][~inside] == OUTSIDE_WINDOW_LOGIT).all())
+        assert bool((local[0][k, 0][inside] != OUTSIDE_WINDOW_LOGIT).all())
+        assert not torch.allclose(local[0][k, 0][inside], exact[0][k, 0][inside], atol=1e-3)
+    with pytest.raises(ValueError, match="positive number"):
+        FactorizedMaskDecoder(decoder, context=0)
+
+
+def test_decoder_context_setting_is_validated_and_reaches_the_cpu_decoder(mobile_sam_segmenters) -> None:
+    from sam_geo.api import SegmentSettings
+    from sam_geo.engine import SamBackend
+
+    with pytest.raises(ConfigError, match="decoder context"):
+        SegmentSettings(decoder_context_px=10).validate()
+    SegmentSettings(decoder_context_px=0).validate()
+    backend = SamBackend(mobile_sam_segmenters[0].backend.model, torch.device("cpu"))
+    backend.use_cpu_decoder(torch.float32, 250)  # 250 model px -> 16 cells of 16 px
+    assert backend._cpu_decoder.context == 16
+    backend.use_cpu_decoder(torch.float32)
+    assert backend._cpu_decoder.context is None
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])

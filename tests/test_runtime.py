@@ -177,3 +177,14 @@ def test_several_scenes_merge_into_one_output_with_a_scene_column(scene: Path, t
 def scene_crs(path: Path) -> str:
     with rasterio.open(path) as src:
         return src.crs.to_string()
+
+
+def test_cpu_actors_run_one_task_at_a_time_and_gpu_actors_fill_an_encoder_batch() -> None:
+    from sam_geo.engine import GPU_ENCODE_BATCH, EngineConfig
+    from sam_geo.runtime import TASKS_PER_ACTOR, tasks_per_actor
+
+    config = EngineConfig(model="mobile_sam", weights="w.pt")
+    assert tasks_per_actor(config, on_gpu=False) == 1
+    assert tasks_per_actor(EngineConfig(model="mobile_sam", weights="w.pt", encode_batch=8), on_gpu=False) == 1
+    assert tasks_per_actor(config, on_gpu=True) == max(TASKS_PER_ACTOR, GPU_ENCODE_BATCH + 1)
+    assert tasks_per_actor(EngineConfig(model="mobile_sam", weights="w.pt", encode_batch=1), on_gpu=True) == TASKS_PER_ACTOR
