@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -208,11 +208,6 @@ class AutoTileResult:
 @dataclass(frozen=True)
 class AutoTileTask:
     """One tile to segment automatically: descriptors only, no pixels (picklable)."""
-
-    CPU_OVERLAP: ClassVar[bool] = True
-    """Two tasks in flight per CPU actor (``runtime.tasks_per_actor``): the point-grid
-    decoding is few long torch calls, so mask filtering and vectorizing overlap it
-    (central 2048 px of Banepa, 16 x 16 points: 88.7 s with two, 113.8 s with one)."""
 
     scene: SceneInfo
     stretch: Stretch

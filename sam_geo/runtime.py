@@ -14,8 +14,7 @@ of several tasks go through the image encoder in one batch
 torch threads already use every core it has, so there is nothing to overlap with, and a
 second Python thread reading or vectorizing holds the GIL that each of the decoder's
 many small torch calls needs (measured: the decoder ran 40-55 % slower inside the
-actor than alone; one task at a time brings it back to its alone speed). Automatic
-mode's tasks (few, long decoder calls) keep two in flight on CPU, which measured faster.
+actor than alone; one task at a time brings it back to its alone speed).
 
 Fault tolerance, in two layers:
 
@@ -54,16 +53,14 @@ TASKS_PER_ACTOR = 2
 """Fewest tasks in flight per GPU actor: one using the model, one reading or vectorizing."""
 
 
-def tasks_per_actor(config: EngineConfig, on_gpu: bool, cpu_overlap: bool = False) -> int:
+def tasks_per_actor(config: EngineConfig, on_gpu: bool) -> int:
     """Tasks in flight per actor. On a GPU: enough to fill an encoder batch while one
     more task reads or vectorizes (``encode_batch + 1``), at least
-    :data:`TASKS_PER_ACTOR`. On CPU: 1 (see the module docstring for why), or
-    :data:`TASKS_PER_ACTOR` with ``cpu_overlap``, for tasks whose model calls are few
-    and long (automatic mode's point batches: measured faster with two in flight)."""
+    :data:`TASKS_PER_ACTOR`. On CPU: 1 (see the module docstring for why)."""
     from .engine import GPU_ENCODE_BATCH
 
     if not on_gpu:
-        return TASKS_PER_ACTOR if cpu_overlap else 1
+        return 1
     encode_batch = config.encode_batch or GPU_ENCODE_BATCH
     return max(TASKS_PER_ACTOR, encode_batch + 1)
 
@@ -191,7 +188,7 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
 class _ActorFleet:
     """Model actors, replaced when one is gone for good."""
 
-    def __init__(self, workers: int, config: EngineConfig, gpus: int, cpus: int, cpu_overlap: bool = False) -> None:
+    def __init__(self, workers: int, config: EngineConfig, gpus: int, cpus: int) -> None:
         if gpus:
             self.options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
             self.config = config
@@ -199,7 +196,7 @@ class _ActorFleet:
             threads = config.threads or max(1, cpus // workers)
             self.options = {"num_cpus": 1}
             self.config = EngineConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
-        self.tasks_per_actor = tasks_per_actor(self.config, gpus > 0, cpu_overlap)
+        self.tasks_per_actor = tasks_per_actor(self.config, gpus > 0)
         self.options["max_concurrency"] = self.tasks_per_actor
         self.run_id = uuid.uuid4().hex[:8]
         self.actors = [self._new(i) for i in range(workers)]
@@ -237,8 +234,7 @@ def _run_on_ray(
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     workers = min(options.workers or max(gpus, 1), len(tasks))
-    cpu_overlap = any(getattr(task, "CPU_OVERLAP", False) for task in tasks)
-    fleet = _ActorFleet(workers, config, gpus, cpus, cpu_overlap)
+    fleet = _ActorFleet(workers, config, gpus, cpus)
     fleet.wait_ready()
     timer.add("startup", time.perf_counter() - start)
 

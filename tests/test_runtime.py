@@ -185,7 +185,6 @@ def test_cpu_actors_run_one_task_at_a_time_and_gpu_actors_fill_an_encoder_batch(
 
     config = EngineConfig(model="mobile_sam", weights="w.pt")
     assert tasks_per_actor(config, on_gpu=False) == 1
-    assert tasks_per_actor(config, on_gpu=False, cpu_overlap=True) == TASKS_PER_ACTOR
     assert tasks_per_actor(EngineConfig(model="mobile_sam", weights="w.pt", encode_batch=8), on_gpu=False) == 1
     assert tasks_per_actor(config, on_gpu=True) == max(TASKS_PER_ACTOR, GPU_ENCODE_BATCH + 1)
     assert tasks_per_actor(EngineConfig(model="mobile_sam", weights="w.pt", encode_batch=1), on_gpu=True) == TASKS_PER_ACTOR
