@@ -48,6 +48,19 @@ OUTSIDE_WINDOW_LOGIT = -1000.0
 (certain background)."""
 
 
+def _token_window(
+    window: list[int], origin: tuple[int, int], hw: tuple[int, int], cell: int = 4
+) -> tuple[int, int, int, int]:
+    """A ``(row0, col0, row1, col1)`` window of logits cells (end-exclusive) rounded out
+    to whole image tokens (``cell`` logits cells a side) and clipped to the ``hw``
+    (rows, cols) tokens starting at token ``origin``; empty where they do not meet."""
+    row0, col0, row1, col1 = window
+    o_r, o_c = origin
+    h, w = hw
+    return (max(o_r, row0 // cell), max(o_c, col0 // cell),
+            min(o_r + h, -(-row1 // cell)), min(o_c + w, -(-col1 // cell)))
+
+
 class ChannelsLastUpscaling(nn.Module):
     """SAM's ``MaskDecoder.output_upscaling`` (transposed conv, LayerNorm2d, GELU,
     transposed conv, GELU) on channels-last tensors, with the same modules and weights.
@@ -217,18 +230,12 @@ class FactorizedMaskDecoder(nn.Module):
         dense: torch.Tensor,
         logits_windows: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.decoder
-        transformer = d.transformer
+        transformer = self.decoder.transformer
         b = sparse.shape[0]
         _, c, h, w = image.shape
-        output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-        # SAM's dense prompt for "no mask" is one embedding expanded over batch and space:
-        # then every prompt starts from the same image tokens.
-        if dense.shape[0] == 1 or dense.stride(0) == 0:
-            dense = dense[:1]
+        tokens, src = self._tokens_and_source(image, sparse, dense)
         # (1 or b, L, c), token rows in row-major pixel order
-        src = (image + dense).flatten(2).transpose(1, 2).contiguous()
+        src = src.flatten(2).transpose(1, 2).contiguous()
         pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries, keys = tokens, src
         for index, layer in enumerate(transformer.layers):
@@ -241,6 +248,21 @@ class FactorizedMaskDecoder(nn.Module):
         else:
             masks = self._masks_in_windows(image_tokens, hyper_in, logits_windows)
         return masks, iou
+
+    def _tokens_and_source(
+        self, image: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt tokens (b, n, c) (SAM's output tokens, then the sparse prompt) and
+        the image tokens plus dense prompt (1 or b, c, h, w). SAM's dense prompt for "no
+        mask" is one embedding expanded over batch and space: then every prompt starts
+        from the same image tokens, kept once."""
+        d = self.decoder
+        b = sparse.shape[0]
+        output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        if dense.shape[0] == 1 or dense.stride(0) == 0:
+            dense = dense[:1]
+        return tokens, image + dense
 
     def _outputs(
         self, queries: torch.Tensor, keys: torch.Tensor, tokens: torch.Tensor, pe: torch.Tensor
@@ -272,11 +294,8 @@ class FactorizedMaskDecoder(nn.Module):
         b = sparse.shape[0]
         _, c, h, w = image.shape
         cell = 4
-        output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-        if dense.shape[0] == 1 or dense.stride(0) == 0:
-            dense = dense[:1]
-        src = (image + dense).permute(0, 2, 3, 1)  # (1 or b, h, w, c)
+        tokens, src = self._tokens_and_source(image, sparse, dense)
+        src = src.permute(0, 2, 3, 1)  # (1 or b, h, w, c)
         pe = image_pe.permute(0, 2, 3, 1)  # (1, h, w, c)
         shared_full = None
         if src.shape[0] == 1:
@@ -285,9 +304,8 @@ class FactorizedMaskDecoder(nn.Module):
                 layer, src.reshape(1, h * w, c).contiguous(), pe.reshape(1, h * w, c).contiguous())]
         windows = logits_windows.tolist()
         origins, sides = [], []
-        for row0, col0, row1, col1 in windows:
-            t_r0, t_c0 = max(0, row0 // cell), max(0, col0 // cell)
-            t_r1, t_c1 = min(h, -(-row1 // cell)), min(w, -(-col1 // cell))
+        for window in windows:
+            t_r0, t_c0, t_r1, t_c1 = _token_window(window, (0, 0), (h, w))
             side = max(self.context, -(-max(t_r1 - t_r0, t_c1 - t_c0, 1) // 4) * 4)
             side_r, side_c = min(side, h), min(side, w)
             o_r = min(max(0, (t_r0 + t_r1 - side_r) // 2), h - side_r)
@@ -364,10 +382,9 @@ class FactorizedMaskDecoder(nn.Module):
         rows, cols = full or (cell * h, cell * w)
         out = image_tokens.new_full((b, hyper_in.shape[1], rows, cols), OUTSIDE_WINDOW_LOGIT)
         windows = logits_windows.tolist() if isinstance(logits_windows, torch.Tensor) else logits_windows
-        for i, (row0, col0, row1, col1) in enumerate(windows):
+        for i, window in enumerate(windows):
             o_r, o_c = origins[i] if origins is not None else (0, 0)
-            t_row0, t_col0 = max(o_r, row0 // cell), max(o_c, col0 // cell)
-            t_row1, t_col1 = min(o_r + h, -(-row1 // cell)), min(o_c + w, -(-col1 // cell))
+            t_row0, t_col0, t_row1, t_col1 = _token_window(window, (o_r, o_c), (h, w))
             if t_row1 <= t_row0 or t_col1 <= t_col0:
                 continue
             window = image_tokens[i : i + 1, :, t_row0 - o_r : t_row1 - o_r, t_col0 - o_c : t_col1 - o_c]
