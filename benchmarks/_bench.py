@@ -126,64 +126,82 @@ def time_model_on_tasks(
     vectorization are not model time (reads are reported separately). One untimed encode
     warms the model up first.
     """
-    backend, device = segmenter.backend, segmenter.device
     times = ModelTimes()
     datasets: dict[str, rasterio.DatasetReader] = {}
+    points_per_side, point_batch = 0, 0
     if mode == "auto":
-        from sam_geo.auto import CPU_POINTS_PER_BATCH, GPU_POINTS_PER_BATCH, _decode_points, grid_points
+        from sam_geo.auto import CPU_POINTS_PER_BATCH, GPU_POINTS_PER_BATCH
 
         points_per_side, points_per_batch = auto_points
-        point_batch = points_per_batch or (GPU_POINTS_PER_BATCH if device.type == "cuda" else CPU_POINTS_PER_BATCH)
+        on_gpu = segmenter.device.type == "cuda"
+        point_batch = points_per_batch or (GPU_POINTS_PER_BATCH if on_gpu else CPU_POINTS_PER_BATCH)
     try:
-        for task in tasks:
-            src = datasets.get(task.scene.path) or datasets.setdefault(task.scene.path, rasterio.open(task.scene.path))
-            tile = task.tile
-            start = time.perf_counter()
-            out_shape = tile.shape if tile.scale != 1 else None
-            window = read_window(src, task.scene, task.stretch, tile.read_window, out_shape)
-            times.read += time.perf_counter() - start
-            if not window.valid.any():
-                continue
-            if mode == "prompted":
-                prompts = _to_tile_pixels(task.prompts, tile)
-                prompts = prompts.take(np.flatnonzero(_prompts_on_data(prompts, window.valid)))
-                if len(prompts) == 0:
-                    continue
-            elif mode == "auto":
-                points = grid_points(window.valid, points_per_side)
-                if len(points) == 0:
-                    continue
-            if times.tiles == 0:
-                start = time.perf_counter()
-                backend.encode(window.rgb)
-                sync(device)
-                times.warmup_encode = time.perf_counter() - start
-            start = time.perf_counter()
-            embedding, input_hw = backend.encode(window.rgb)
-            sync(device)
-            seconds = time.perf_counter() - start
-            times.encode += seconds
-            times.per_tile_encode.append(seconds)
-            times.tiles += 1
-            if mode == "prompted":
-                for part in _decode_batches(prompts, segmenter.batch_size):
-                    start = time.perf_counter()
-                    backend.decode(embedding, input_hw, window.rgb.shape[:2], part)
-                    sync(device)
-                    times.decode += time.perf_counter() - start
-                    times.prompts += len(part)
-            elif mode == "auto":
-                scaled = points * (input_hw[0] / window.valid.shape[0])
-                for first in range(0, len(scaled), point_batch):
-                    start = time.perf_counter()
-                    _decode_points(backend, embedding, scaled[first : first + point_batch])
-                    sync(device)
-                    times.decode += time.perf_counter() - start
-                times.prompts += len(scaled)
+        with segmenter.model_call():  # the actor's autocast precision, as in the run
+            _time_tasks(segmenter, tasks, mode, times, datasets, points_per_side, point_batch)
     finally:
         for src in datasets.values():
             src.close()
     return times
+
+
+def _time_tasks(
+    segmenter: TileSegmenter,
+    tasks: list[Any],
+    mode: str,
+    times: ModelTimes,
+    datasets: dict[str, rasterio.DatasetReader],
+    points_per_side: int,
+    point_batch: int,
+) -> None:
+    """The loop of :func:`time_model_on_tasks`, adding into ``times``."""
+    from sam_geo.auto import _decode_points, grid_points
+
+    backend, device = segmenter.backend, segmenter.device
+    for task in tasks:
+        src = datasets.get(task.scene.path) or datasets.setdefault(task.scene.path, rasterio.open(task.scene.path))
+        tile = task.tile
+        start = time.perf_counter()
+        out_shape = tile.shape if tile.scale != 1 else None
+        window = read_window(src, task.scene, task.stretch, tile.read_window, out_shape)
+        times.read += time.perf_counter() - start
+        if not window.valid.any():
+            continue
+        if mode == "prompted":
+            prompts = _to_tile_pixels(task.prompts, tile)
+            prompts = prompts.take(np.flatnonzero(_prompts_on_data(prompts, window.valid)))
+            if len(prompts) == 0:
+                continue
+        elif mode == "auto":
+            points = grid_points(window.valid, points_per_side)
+            if len(points) == 0:
+                continue
+        if times.tiles == 0:
+            start = time.perf_counter()
+            backend.encode(window.rgb)
+            sync(device)
+            times.warmup_encode = time.perf_counter() - start
+        start = time.perf_counter()
+        embedding, input_hw = backend.encode(window.rgb)
+        sync(device)
+        seconds = time.perf_counter() - start
+        times.encode += seconds
+        times.per_tile_encode.append(seconds)
+        times.tiles += 1
+        if mode == "prompted":
+            for part in _decode_batches(prompts, segmenter.batch_size):
+                start = time.perf_counter()
+                backend.decode(embedding, input_hw, window.rgb.shape[:2], part)
+                sync(device)
+                times.decode += time.perf_counter() - start
+                times.prompts += len(part)
+        elif mode == "auto":
+            scaled = points * (input_hw[0] / window.valid.shape[0])
+            for first in range(0, len(scaled), point_batch):
+                start = time.perf_counter()
+                _decode_points(backend, embedding, scaled[first : first + point_batch])
+                sync(device)
+                times.decode += time.perf_counter() - start
+            times.prompts += len(scaled)
 
 
 def mean_times(runs: list[ModelTimes]) -> ModelTimes:

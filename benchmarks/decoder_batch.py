@@ -4,7 +4,11 @@ Box prompts through ``SamBackend.decode`` (one mask each, as prompted mode), or 
 ``--points`` single-point prompts with SAM's three masks (as automatic mode), under the
 autocast precision given (``auto``: what the engine picks on this device).
 
-    python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points] [--official]
+    python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points] [--official | --no-low-rank]
+
+Box prompts go through the logits windows the engine uses, so with fp32 weights on CPU
+they take the low-rank path of ``sam_geo.lowrank``; ``--no-low-rank`` times the
+factorized path instead.
 """
 
 from __future__ import annotations
@@ -29,13 +33,18 @@ def main() -> None:
     parser.add_argument("--points", action="store_true", help="point prompts, three masks each (automatic mode)")
     parser.add_argument("--official", action="store_true",
                         help="segment-anything's own MaskDecoder (under autocast) instead of sam-geo's CPU copy")
+    parser.add_argument("--no-low-rank", action="store_true",
+                        help="box prompts through the factorized CPU decoder, not its low-rank path")
     args = parser.parse_args()
     segmenter = TileSegmenter(EngineConfig(args.model, str(WEIGHTS), device=args.device, precision=args.precision))
     if args.official:
         segmenter.backend._cpu_decoder = None
+    elif args.no_low_rank and segmenter.backend._cpu_decoder is not None:
+        segmenter.backend._cpu_decoder.low_rank = False
     print(f"{args.model} on {args.device}, autocast {segmenter.autocast_dtype}, "
           f"{'points x 3 masks' if args.points else 'boxes'}, "
-          f"{'official decoder' if args.official or segmenter.backend._cpu_decoder is None else 'CPU decoder copy'}")
+          f"{'official decoder' if args.official or segmenter.backend._cpu_decoder is None else 'CPU decoder copy'}"
+          f"{', low-rank path for boxes' if getattr(segmenter.backend._cpu_decoder, 'low_rank', False) else ''}")
     rgb = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
     segmenter.encode(rgb)
     start = time.perf_counter()

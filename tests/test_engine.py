@@ -220,19 +220,30 @@ def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmente
         ours = fast(**args)
         single = fast(**{**args, "multimask_output": False})
         official_single = model.mask_decoder(**{**args, "multimask_output": False})
-        bf16 = bf16_decoder(**{k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+        whole_grid = torch.tensor([[0, 0, 256, 256]] * n)  # windows given: the low-rank path
+        windowed = fast(**args, logits_windows=whole_grid)
+        windowed_single = fast(**{**args, "multimask_output": False}, logits_windows=whole_grid)
+        bf16_args = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        bf16 = bf16_decoder(**bf16_args)
+        bf16_windowed = bf16_decoder(**bf16_args, logits_windows=whole_grid)  # through its float32 twin
     assert ours[0].shape == official[0].shape == (n, 3, 256, 256) and single[0].shape == (n, 1, 256, 256)
     torch.testing.assert_close(ours[0], official[0], atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(single[0], official_single[0], atol=2e-3, rtol=1e-4)
-    a, b = official[0] > 0, bf16[0].float() > 0
-    agreement = (a & b).flatten(2).sum(-1) / (a | b).flatten(2).sum(-1).clamp(min=1)
-    assert agreement.median() > 0.97 and (bf16[1].float() - official[1]).abs().max() < 0.1
+    torch.testing.assert_close(windowed[0], official[0], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(windowed[1], official[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(windowed_single[0], official_single[0], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(windowed_single[1], official_single[1], atol=1e-4, rtol=1e-4)
+    for low_precision in (bf16, bf16_windowed):
+        a, b = official[0] > 0, low_precision[0].float() > 0
+        agreement = (a & b).flatten(2).sum(-1) / (a | b).flatten(2).sum(-1).clamp(min=1)
+        assert agreement.median() > 0.97 and (low_precision[1].float() - official[1]).abs().max() < 0.1
 
 
 def test_cpu_mask_decoder_recomputes_its_cache_for_a_new_tile(mobile_sam_segmenters) -> None:
-    """The first layer's image projections are cached per image embedding: a second tile
-    (or the same tile with a mask prompt) must not reuse the first tile's."""
+    """The first layer's image projections (and the low-rank path's tile products) are
+    cached per image embedding: a second tile (or the same tile with a mask prompt) must
+    not reuse the first tile's."""
     from sam_geo.engine import cpu_mask_decoder
 
     fp32, _ = mobile_sam_segmenters
@@ -243,7 +254,10 @@ def test_cpu_mask_decoder_recomputes_its_cache_for_a_new_tile(mobile_sam_segment
             embedding, _ = fp32.encode(_scene_tile(tile))
             args = {"image_embeddings": embedding, **_decoder_inputs(model, kind, 3, seed=tile),
                     "multimask_output": True}
-            torch.testing.assert_close(fast(**args)[0], model.mask_decoder(**args)[0], atol=2e-3, rtol=1e-4)
+            official = model.mask_decoder(**args)[0]
+            torch.testing.assert_close(fast(**args)[0], official, atol=2e-3, rtol=1e-4)
+            windowed = fast(**args, logits_windows=torch.tensor([[0, 0, 256, 256]] * 3))
+            torch.testing.assert_close(windowed[0], official, atol=2e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tile_px", [256, 700])
@@ -309,6 +323,114 @@ def test_factorized_decoder_matches_a_random_sam_decoder() -> None:
         ours = FactorizedMaskDecoder(decoder)(image, pe, sparse, dense, True)
     torch.testing.assert_close(ours[0], official[0], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("sparse_tokens", [1, 2, 3])
+def test_low_rank_decoder_matches_a_random_sam_decoder_inside_its_windows(multimask: bool, sparse_tokens: int) -> None:
+    """With logits windows the decoder keeps each prompt's image tokens in low-rank form
+    (sam_geo.lowrank): same logits inside the windows as the official decoder, and
+    OUTSIDE_WINDOW_LOGIT outside, for larger-than-trained random weights, windows on the
+    grid's corners, an empty window and a mask prompt (dense differing per prompt, which
+    goes the factorized way)."""
+    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+    from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
+
+    torch.manual_seed(11 + sparse_tokens)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
+    with torch.no_grad():
+        for parameter in decoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
+    sparse = torch.randn(5, sparse_tokens, 256)
+    windows = torch.tensor([[0, 0, 30, 22], [230, 241, 256, 256], [100, 90, 140, 150], [10, 60, 170, 220],
+                            [60, 60, 40, 40]])
+    ours_decoder = FactorizedMaskDecoder(decoder)
+    with torch.inference_mode():
+        for dense in (torch.randn(1, 256, 1, 1).expand(5, -1, 64, 64), torch.randn(5, 256, 64, 64)):
+            official = decoder(image, pe, sparse, dense, multimask)
+            ours = ours_decoder(image, pe, sparse, dense, multimask, windows)
+            assert ours[0].shape == official[0].shape
+            torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
+            for k, (r0, c0, r1, c1) in enumerate(windows.tolist()):
+                inside = torch.zeros(256, 256, dtype=torch.bool)
+                inside[r0 // 4 * 4 : -(-r1 // 4) * 4, c0 // 4 * 4 : -(-c1 // 4) * 4] = True
+                torch.testing.assert_close(ours[0][k][:, inside], official[0][k][:, inside], atol=1e-3, rtol=1e-4)
+                assert bool((ours[0][k][:, ~inside] == OUTSIDE_WINDOW_LOGIT).all())
+            assert not inside.any()  # the last window is empty
+
+
+def test_low_rank_tokens_equal_the_materialised_tokens_through_attention_and_layer_norm() -> None:
+    """LowRankTokens, step by step against the same steps on materialised (b, L, C)
+    tokens: an image-to-token update, a LayerNorm, another update and LayerNorm; then
+    attention scores and weighted sums through a projection, and the tokens themselves."""
+    from sam_geo.lowrank import LowRankTokens, TileProducts
+
+    torch.manual_seed(2)
+    b, length, channels, heads, n = 3, 50, 32, 4, 5
+    src, pe = torch.randn(length, channels) * 2 + 0.5, torch.randn(length, channels)
+    tokens = LowRankTokens.of_tile(TileProducts(src, pe), b, capacity=2 * (heads * n + 2))
+    explicit = src.expand(b, -1, -1)
+    for step in range(2):
+        out_proj, norm = torch.nn.Linear(heads * 4, channels), torch.nn.LayerNorm(channels)
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.3)
+            norm.bias.normal_(0, 0.3)
+        values = torch.randn(b, heads, n, 4)
+        weights = torch.randn(b, heads, n, length).softmax(dim=2)
+        with torch.inference_mode():
+            tokens.plus_head_values(values, out_proj, weights.reshape(b, heads * n, length), f"o{step}")
+            tokens.layer_norm(norm, f"n{step}")
+            rows = torch.einsum("bhnd,chd->bhnc", values, out_proj.weight.reshape(channels, heads, 4))
+            rows = rows + out_proj.bias / heads
+            explicit = norm(explicit + torch.einsum("bhnl,bhnc->blc", weights, rows))
+    linear = torch.nn.Linear(channels, heads * 4)
+    vectors = torch.randn(b, heads, n, 4)
+    attention = torch.randn(b, heads, n, length).softmax(dim=3)
+    with torch.inference_mode():
+        projected = linear(explicit + pe).reshape(b, length, heads, 4)
+        expected_scores = torch.einsum("blhd,bhnd->bhnl", projected, vectors)
+        values_projected = linear(explicit).reshape(b, length, heads, 4)
+        expected_sums = torch.einsum("bhnl,blhd->bhnd", attention, values_projected)
+        torch.testing.assert_close(tokens.scores(linear, vectors, "k"), expected_scores, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tokens.weighted_sum(linear, attention, "v"), expected_sums, atol=1e-4, rtol=1e-4)
+        for prompt in range(b):
+            index = torch.tensor([0, 7, length - 1])
+            torch.testing.assert_close(tokens.at(prompt, index), explicit[prompt, index], atol=1e-4, rtol=1e-4)
+
+
+def test_glibc_allocator_keeps_freed_memory_unless_the_user_tuned_it(monkeypatch) -> None:
+    """CPU model processes ask glibc to keep freed blocks (no page faults per tensor);
+    a user's own MALLOC_* settings win, and other C libraries are left alone."""
+    import ctypes
+    import platform
+
+    from sam_geo import engine
+
+    if platform.libc_ver()[0] == "glibc":
+        assert engine.keep_freed_memory_for_reuse() is True  # the real mallopt accepts both settings
+    calls = []
+
+    class FakeLibc:
+        @staticmethod
+        def mallopt(option: int, value: int) -> int:
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(engine.ctypes, "CDLL", lambda name: FakeLibc())
+    assert engine.keep_freed_memory_for_reuse() is True
+    assert calls == [(-3, 32 << 20), (-1, engine.CPU_HEAP_KEEP_MB << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert engine.keep_freed_memory_for_reuse() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+
+    def no_glibc(name: str) -> ctypes.CDLL:
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(engine.ctypes, "CDLL", no_glibc)
+    assert engine.keep_freed_memory_for_reuse() is False
 
 
 def _random_decoder() -> torch.nn.Module:
