@@ -305,16 +305,9 @@ def test_factorized_decoder_matches_a_random_sam_decoder() -> None:
     """The algebra holds for any weights (SAM ViT-B/L/H share this decoder): a randomly
     initialised MaskDecoder with larger weights than a trained one, where a dropped bias
     or a wrong head split would show."""
-    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
     from sam_geo.decoder import FactorizedMaskDecoder
 
-    torch.manual_seed(3)
-    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
-    with torch.no_grad():
-        for parameter in decoder.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    decoder = _random_decoder(seed=3, inflate=0.05)
     image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
     sparse = torch.randn(4, 3, 256)
     dense = torch.randn(1, 256, 1, 1).expand(4, -1, 64, 64)
@@ -333,16 +326,10 @@ def test_low_rank_decoder_matches_a_random_sam_decoder_inside_its_windows(multim
     OUTSIDE_WINDOW_LOGIT outside, for larger-than-trained random weights, windows on the
     grid's corners, an empty window and a mask prompt (dense differing per prompt, which
     goes the factorized way)."""
-    from segment_anything.modeling import MaskDecoder, TwoWayTransformer
-
     from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
 
+    decoder = _random_decoder(seed=11 + sparse_tokens, inflate=0.05)
     torch.manual_seed(11 + sparse_tokens)
-    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
-    with torch.no_grad():
-        for parameter in decoder.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
     image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
     sparse = torch.randn(5, sparse_tokens, 256)
     windows = torch.tensor([[0, 0, 30, 22], [230, 241, 256, 256], [100, 90, 140, 150], [10, 60, 170, 220],
@@ -433,12 +420,20 @@ def test_glibc_allocator_keeps_freed_memory_unless_the_user_tuned_it(monkeypatch
     assert engine.keep_freed_memory_for_reuse() is False
 
 
-def _random_decoder() -> torch.nn.Module:
+def _random_decoder(seed: int = 5, inflate: float = 0.0) -> torch.nn.Module:
+    """A randomly initialised SAM MaskDecoder; ``inflate``: the standard deviation of noise
+    added to every weight (larger weights than a trained decoder's, where a dropped bias
+    or a wrong head split would show)."""
     from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
-    torch.manual_seed(5)
-    return MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
-                       transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
+    torch.manual_seed(seed)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8)).eval()
+    if inflate:
+        with torch.no_grad():
+            for parameter in decoder.parameters():
+                parameter.add_(torch.randn_like(parameter) * inflate)
+    return decoder
 
 
 def test_decoder_context_of_the_whole_grid_gives_the_exact_outputs_and_smaller_stays_in_windows() -> None:
