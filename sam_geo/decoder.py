@@ -186,11 +186,10 @@ class FactorizedMaskDecoder(nn.Module):
     Banepa boxes, 16 cells gave masks at a median IoU of 0.984 with the exact ones
     (0.990 at 48; identical at 64, the whole grid) for a quarter of the decoder time.
 
-    ``low_rank`` (calls with ``logits_windows`` and SAM's one "no mask" dense prompt,
-    without ``context``): each prompt's image tokens are kept in the low-rank form of
-    :mod:`sam_geo.lowrank` and materialised only in its window, in float32 whatever
-    ``dtype`` is. The same outputs; on CPU 0.7 (fp32) to 0.85 (bf16) times the time of
-    the factorized path per box.
+    ``low_rank`` (float32 weights; calls with ``logits_windows`` and SAM's one "no mask"
+    dense prompt, without ``context``): each prompt's image tokens are kept in the
+    low-rank form of :mod:`sam_geo.lowrank` and materialised only in its window. The
+    same outputs; on CPU about 0.7 times the time of the factorized path per box.
     """
 
     def __init__(
@@ -203,15 +202,10 @@ class FactorizedMaskDecoder(nn.Module):
         if context is not None and context < 1:
             raise ValueError(f"context must be a positive number of image-embedding cells, got {context}")
         self.context = context
-        # The low-rank path computes LayerNorm variances as E[x^2] - E[x]^2, so it runs in
-        # float32: a bf16 decoder keeps a float32 twin for it (4 M weights), which is
-        # faster than its own bf16 factorized path (boxes, 2 AMD EPYC cores, median of 5:
-        # 14.3 against 16.7 ms at 4 per call, 12.6 against 14.2 at 8). In a tuple, so
-        # that the twin is not registered as a submodule.
-        self.low_rank = low_rank
-        self._float32_twin: tuple[FactorizedMaskDecoder, ...] = ()
-        if low_rank and dtype != torch.float32:
-            self._float32_twin = (FactorizedMaskDecoder(decoder, torch.float32, low_rank=True),)
+        # The low-rank path computes LayerNorm variances as E[x^2] - E[x]^2: float32 only.
+        # (A float32 twin for bf16 weights measured no faster than their factorized path:
+        # 11.4 against 11.3 ms per box, 4 per call, median of 6, 2 AMD EPYC cores.)
+        self.low_rank = low_rank and dtype == torch.float32
         self._shared: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
         self._tile: TileProducts | None = None
 
@@ -231,6 +225,19 @@ class FactorizedMaskDecoder(nn.Module):
         cells of the low-res logits grid (end-exclusive; rounded out to whole image
         tokens, 4 cells) that are computed; the rest is :data:`OUTSIDE_WINDOW_LOGIT`.
         """
+        # Inputs in this copy's dtype; SAM's one "no mask" dense embedding, expanded over
+        # the prompts, is cast once and expanded again (a cast of the expanded view would
+        # copy it per prompt, and the paths below recognise it by its zero batch stride).
+        dtype = self.decoder.iou_token.weight.dtype
+        dense = dense_prompt_embeddings
+        shared_dense = dense.shape[0] == 1 or dense.stride(0) == 0
+        dense_prompt_embeddings = dense[:1].to(dtype).expand_as(dense) if shared_dense else dense.to(dtype)
+        image_embeddings, image_pe = image_embeddings.to(dtype), image_pe.to(dtype)
+        sparse_prompt_embeddings = sparse_prompt_embeddings.to(dtype)
+        if (self.low_rank and not self.context and logits_windows is not None and shared_dense
+                and image_embeddings.shape[0] == 1):
+            return self._predict_low_rank(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                          dense_prompt_embeddings[:1], logits_windows, multimask_output)
         if image_embeddings.shape[0] != 1:
             return self.decoder(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                                 multimask_output)
@@ -238,14 +245,6 @@ class FactorizedMaskDecoder(nn.Module):
             masks, iou = self._predict_in_context(image_embeddings, image_pe, sparse_prompt_embeddings,
                                                   dense_prompt_embeddings, logits_windows)
         else:
-            dense = dense_prompt_embeddings
-            if self.low_rank and logits_windows is not None and (dense.shape[0] == 1 or dense.stride(0) == 0):
-                # SAM's one "no mask" embedding for all prompts (the low-rank form needs
-                # the same image tokens for every prompt): cast it once, not per prompt
-                runner = self._float32_twin[0] if self._float32_twin else self
-                return runner._predict_low_rank(image_embeddings.float(), image_pe.float(),
-                                                sparse_prompt_embeddings.float(), dense[:1].float(),
-                                                logits_windows, multimask_output)
             masks, iou = self._predict(image_embeddings, image_pe, sparse_prompt_embeddings,
                                        dense_prompt_embeddings, logits_windows)
         keep = slice(1, None) if multimask_output else slice(0, 1)

@@ -347,13 +347,12 @@ class SamBackend:
                 multimask_output=multimask,
             )
             return low_res.float(), iou.float()
-        dtype = next(decoder.parameters()).dtype
-        with torch.autocast(device_type=self.device.type, enabled=False):
+        with torch.autocast(device_type=self.device.type, enabled=False):  # it casts to its own dtype
             low_res, iou = decoder(
-                image_embeddings=embedding.to(dtype),
-                image_pe=image_pe.to(dtype),
-                sparse_prompt_embeddings=sparse.to(dtype),
-                dense_prompt_embeddings=dense.to(dtype),
+                image_embeddings=embedding,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
                 multimask_output=multimask,
                 logits_windows=windows,
             )

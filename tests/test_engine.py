@@ -225,7 +225,7 @@ def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmente
         windowed_single = fast(**{**args, "multimask_output": False}, logits_windows=whole_grid)
         bf16_args = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
         bf16 = bf16_decoder(**bf16_args)
-        bf16_windowed = bf16_decoder(**bf16_args, logits_windows=whole_grid)  # through its float32 twin
+        bf16_windowed = bf16_decoder(**bf16_args, logits_windows=whole_grid)  # bf16: the factorized path
     assert ours[0].shape == official[0].shape == (n, 3, 256, 256) and single[0].shape == (n, 1, 256, 256)
     torch.testing.assert_close(ours[0], official[0], atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(ours[1], official[1], atol=1e-4, rtol=1e-4)
@@ -238,6 +238,36 @@ def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmente
         a, b = official[0] > 0, low_precision[0].float() > 0
         agreement = (a & b).flatten(2).sum(-1) / (a | b).flatten(2).sum(-1).clamp(min=1)
         assert agreement.median() > 0.97 and (low_precision[1].float() - official[1]).abs().max() < 0.1
+
+
+def test_box_prompts_reach_the_fast_decoder_paths_with_the_dense_prompt_still_shared(
+    mobile_sam_segmenters, monkeypatch
+) -> None:
+    """Through the engine (``backend.decode``), box prompts take the low-rank path in fp32
+    and the factorized path in bf16 with SAM's "no mask" embedding still expanded over
+    the prompts (zero batch stride): a dtype cast of the expanded view would copy it per
+    prompt, and in fp32 would hide from the low-rank path that it is shared. The masks
+    of both precisions agree."""
+    prompts = PromptBatch(np.arange(3), np.array([[20.0, 30, 90, 120], [64, 80, 160, 200], [0, 0, 40, 40]]),
+                          np.zeros((3, 0, 2)), np.zeros((3, 0), np.int32))
+    masks = []
+    for segmenter, path in zip(mobile_sam_segmenters, ("_predict_low_rank", "_predict")):
+        decoder = segmenter.backend._cpu_decoder
+        calls = []
+        original = getattr(decoder, path)
+
+        def spy(image, pe, sparse, dense, *rest, original=original, calls=calls):
+            calls.append((sparse.shape[0], dense.shape[0] == 1 or dense.stride(0) == 0))
+            return original(image, pe, sparse, dense, *rest)
+
+        monkeypatch.setattr(decoder, path, spy)
+        embedding, input_hw = segmenter.encode(_scene_tile(9))
+        with segmenter.model_call():
+            logits, _ = segmenter.backend.decode(embedding, input_hw, (256, 256), prompts)
+        assert calls == [(3, True)]
+        masks.append(logits > 0)
+    a, b = masks
+    assert ((a & b).sum() / (a | b).sum()) > 0.95
 
 
 def test_cpu_mask_decoder_recomputes_its_cache_for_a_new_tile(mobile_sam_segmenters) -> None:
