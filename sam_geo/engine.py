@@ -336,26 +336,13 @@ class SamBackend:
         ``windows`` (n, 4), optional, for the CPU decoder: the cells of the logits grid
         each prompt's mask is kept in (:func:`logits_windows`); logits outside are not
         computed (see :class:`sam_geo.decoder.FactorizedMaskDecoder`)."""
-        image_pe = self._dense_pe()
-        decoder = self._cpu_decoder
-        if decoder is None:
-            low_res, iou = self.model.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
-            return low_res.float(), iou.float()
-        with torch.autocast(device_type=self.device.type, enabled=False):  # it casts to its own dtype
-            low_res, iou = decoder(
-                image_embeddings=embedding,
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-                logits_windows=windows,
-            )
+        inputs = {"image_embeddings": embedding, "image_pe": self._dense_pe(), "sparse_prompt_embeddings": sparse,
+                  "dense_prompt_embeddings": dense, "multimask_output": multimask}
+        if self._cpu_decoder is None:
+            low_res, iou = self.model.mask_decoder(**inputs)
+        else:
+            with torch.autocast(device_type=self.device.type, enabled=False):  # it casts to its own dtype
+                low_res, iou = self._cpu_decoder(**inputs, logits_windows=windows)
         return low_res.float(), iou.float()
 
     def logits_frame(self, tile_hw: tuple[int, int], input_hw: tuple[int, int]) -> tuple[float, float]:
