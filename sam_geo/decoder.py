@@ -63,6 +63,18 @@ def _token_window(
             min(o_r + h, -(-row1 // cell)), min(o_c + w, -(-col1 // cell)))
 
 
+def _prompt_self_attention(layer: nn.Module, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+    """The first step of segment-anything's ``TwoWayAttentionBlock``: self-attention of
+    the prompt tokens (b, n, c), then ``norm1`` (the first layer skips the positional
+    encoding and the residual)."""
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    return layer.norm1(queries)
+
+
 class ChannelsLastUpscaling(nn.Module):
     """SAM's ``MaskDecoder.output_upscaling`` (transposed conv, LayerNorm2d, GELU,
     transposed conv, GELU) on channels-last tensors, with the same modules and weights.
@@ -322,12 +334,7 @@ class FactorizedMaskDecoder(nn.Module):
     ) -> torch.Tensor:
         """segment-anything's ``TwoWayAttentionBlock.forward`` with the image tokens in
         low-rank form (updated in place); returns the new prompt queries."""
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = _prompt_self_attention(layer, queries, query_pe)
         attn_out = self._low_rank_token_to_image(
             layer.cross_attn_token_to_image, queries + query_pe, image_tokens, f"t2i{index}")
         queries = layer.norm2(queries + attn_out)
@@ -566,12 +573,7 @@ class FactorizedMaskDecoder(nn.Module):
         shared: tuple[torch.Tensor, ...] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """segment-anything's ``TwoWayAttentionBlock.forward``, step for step."""
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
+        queries = _prompt_self_attention(layer, queries, query_pe)
 
         q = queries + query_pe
         keys_with_pe = None if shared is not None else keys + key_pe

@@ -440,8 +440,8 @@ def keep_freed_memory_for_reuse() -> bool:
     A CPU forward pass allocates and frees tensors of several MiB per layer; by default
     each comes back as new zeroed pages (a page fault per 4 KiB). Measured with
     MobileSAM's image encoder on a 1024 px tile, fp32, 2 AMD EPYC cores: 1.80-2.18 s
-    median per tile by default, 1.29-1.45 s with this (``benchmarks`` figures in
-    README.md). The process's peak memory stays about the same (``benchmarks/memory.py``);
+    median per tile by default, 1.29-1.45 s with this (6 timed encodes per run, 2 runs
+    each way; README.md, "Allocator"). The process's peak memory stays about the same (``benchmarks/memory.py``);
     its resident size stays near that peak between tiles.
 
     Does nothing, and returns False, off glibc (macOS, Windows, musl) or where the
