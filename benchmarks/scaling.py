@@ -129,7 +129,8 @@ def encoder_only(scene: Path, args: argparse.Namespace) -> None:
             segmenter.encode(window.rgb)
         sync(device)
     reference = args.iters / (time.perf_counter() - start)
-    print(f"backend.encode (engine path, fp32, batch 1): {reference:.3f} tiles/s")
+    precision = str(segmenter.autocast_dtype).removeprefix("torch.")
+    print(f"TileSegmenter.encode (engine path, its default precision {precision}, batch 1): {reference:.3f} tiles/s")
 
     rows = []
     for size in sizes:

@@ -112,14 +112,22 @@ def test_encode_batcher_gathers_concurrent_tiles_and_hands_back_each_result() ->
 
     batcher = EncodeBatcher(encode_many, max_batch=3, max_wait_s=0.5)
     results: dict[int, int] = {}
-    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, batcher.encode(np.full((2, 2, 3), k))))
-               for k in range(5)]
+    start_together = threading.Barrier(5)
+
+    def caller(k: int) -> None:
+        start_together.wait()
+        results[k] = batcher.encode(np.full((2, 2, 3), k))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(5)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=10)
     assert results == {k: k * 10 for k in range(5)}  # every caller gets its own tile's result
-    assert sorted(batcher.batch_sizes, reverse=True) == [3, 2] and sum(len(c) for c in calls) == 5
+    assert sum(len(c) for c in calls) == 5 and sum(batcher.batch_sizes) == 5  # each tile encoded once
+    # Batches never exceed max_batch, and callers arriving together share one (how the
+    # five split depends on thread timing, so not the exact sizes).
+    assert max(batcher.batch_sizes) <= 3 and max(batcher.batch_sizes) >= 2
 
 
 def test_encode_batcher_hands_an_exception_to_every_caller_of_the_batch() -> None:
@@ -535,6 +543,7 @@ def test_cpu_bf16_probe_can_be_forced_either_way(monkeypatch) -> None:
     assert cpu_has_fast_bf16() is True
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: needs a GPU (CI has none; checked on the device machine)")
 def test_cuda_defaults_batch_tiles_under_autocast() -> None:
     from conftest import WEIGHTS

@@ -23,7 +23,6 @@ import hashlib
 import json
 import shutil
 import sqlite3
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -513,10 +512,8 @@ def test_huge_sparse_scene_reads_only_around_its_prompts(out_dir, tmp_path, caps
 
     monkeypatch.setattr(raster, "_read_bands", counting_read)
     output, summary = out_dir / "o.gpkg", tmp_path / "s.json"
-    start = time.perf_counter()
     code, err = run_segment(capsys, path, "--prompts", layer, "-o", output, "--summary", summary,
                             "--id-column", "name")
-    elapsed = time.perf_counter() - start
     assert_ok(code, err)
     gdf = assert_good_output(output, path, count=4)
     assert_on_rects(gdf, {n: rect_truth(n, row_off=off, col_off=off) for n in RECTS})
@@ -525,7 +522,6 @@ def test_huge_sparse_scene_reads_only_around_its_prompts(out_dir, tmp_path, caps
     assert report["tiles"]["processed"] == 1 and report["tiles"]["skipped_nodata"] == 1
     assert report["prompts"]["on_nodata_ids"] == ["far"]
     assert sum(pixels_read) <= 2 * 1024 * 1024  # of 3 x 10^10: no stretch sample, one tile window
-    assert elapsed < 120  # generous for a shared 2-core machine; about 5 s when idle
 
 
 # === 2. prompt layers ====================================================================
