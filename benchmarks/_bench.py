@@ -1,7 +1,7 @@
 """Helpers shared by overhead.py, memory.py and scaling.py (issue 4 benchmarks).
 
 Scene crops, tile planning identical to :func:`sam_geo.segment`, driver-side model
-timing (the same tiles read with :func:`sam_geo.raster.read_window` and pushed through
+timing (the same tiles read with :func:`sam_geo.io.scenes.read_window` and pushed through
 ``SamBackend.encode`` / ``decode``), batched encoder input, and a memory monitor that
 polls the driver and its Ray processes.
 """
@@ -33,8 +33,8 @@ from sam_geo.engine import (
     _prompts_on_data,
     _to_tile_pixels,
 )
-from sam_geo.prompts import read_prompt_layer
-from sam_geo.raster import open_scene, read_window
+from sam_geo.io.prompts import read_prompt_layer
+from sam_geo.io.scenes import open_scene, read_window
 
 
 # --- scenes and tiles ------------------------------------------------------------------

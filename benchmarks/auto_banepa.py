@@ -39,11 +39,11 @@ from _common import BANEPA, WEIGHTS
 from sam_geo.auto import AutoParams, segment_auto, suppress_nested
 from sam_geo.config import load_config, section_values
 from sam_geo.evaluate import evaluate
-from sam_geo.raster import open_scene
-from sam_geo.runtime import RuntimeOptions
-from sam_geo.stitch import BOTTOM, LEFT, RIGHT, TOP, interior_sides
-from sam_geo.tiles import Tile, TileGrid
-from sam_geo.vectorize import geometry_area_m2
+from sam_geo.io.scenes import open_scene
+from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.geo.stitch import BOTTOM, LEFT, RIGHT, TOP, interior_sides
+from sam_geo.geo.tiles import Tile, TileGrid
+from sam_geo.geo.vectorize import geometry_area_m2
 
 CROP = Window(541, 1038, 2048, 2048)
 CROP_PATH = Path("/tmp/banepa_center_2048.tif")

@@ -24,8 +24,8 @@ import geopandas as gpd
 from _common import FIELDS, WEIGHTS
 from sam_geo.auto import segment_auto
 from sam_geo.evaluate import evaluate
-from sam_geo.raster import open_scene
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.io.scenes import open_scene
+from sam_geo.run.runtime import RuntimeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipelines"))

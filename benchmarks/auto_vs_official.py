@@ -41,9 +41,9 @@ import torch
 from _bench import crop_scene, parse_window
 from _common import BANEPA, WEIGHTS
 from sam_geo.evaluate import evaluate
-from sam_geo.models import build_sam
-from sam_geo.raster import open_scene
-from sam_geo.vectorize import geometry_area_m2
+from sam_geo.model.registry import build_sam
+from sam_geo.io.scenes import open_scene
+from sam_geo.geo.vectorize import geometry_area_m2
 
 REPO = Path(__file__).resolve().parents[1]
 AREA_RANGE_M2 = (5.0, 2000.0)

@@ -7,7 +7,7 @@ autocast precision given (``auto``: what the engine picks on this device).
     python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points] [--official | --no-low-rank]
 
 Box prompts go through the logits windows the engine uses, so with fp32 weights on CPU
-they take the low-rank path of ``sam_geo.lowrank``; ``--no-low-rank`` times the
+they take the low-rank path of ``sam_geo.model.lowrank``; ``--no-low-rank`` times the
 factorized path instead.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from _common import WEIGHTS
 from sam_geo.auto import _decode_points
 from sam_geo.engine import EngineConfig, TileSegmenter
-from sam_geo.prompts import PromptBatch
+from sam_geo.io.prompts import PromptBatch
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ def child(tif: str, gpkg: str, workers: int, interval: float) -> None:
     from _bench import MemoryMonitor
     from _common import WEIGHTS
     from sam_geo import segment
-    from sam_geo.runtime import RuntimeOptions
+    from sam_geo.run.runtime import RuntimeOptions
 
     baseline = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()

@@ -55,7 +55,7 @@ from _common import BANEPA, WEIGHTS
 from sam_geo import segment
 from sam_geo.api import SegmentSettings
 from sam_geo.engine import TileResult, resolve_device
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.run.runtime import RuntimeOptions
 
 
 def main() -> None:
@@ -125,9 +125,9 @@ def automatic(scene: Path, args: argparse.Namespace, settings: SegmentSettings, 
         print("\nauto mode: not available yet")
         return
     from sam_geo.engine import TileTask
-    from sam_geo.prompts import PromptBatch
-    from sam_geo.raster import compute_stretch, open_scene
-    from sam_geo.tiles import TileGrid
+    from sam_geo.io.prompts import PromptBatch
+    from sam_geo.io.scenes import compute_stretch, open_scene
+    from sam_geo.geo.tiles import TileGrid
 
     # every grid point is decoded (skip_covered off), as the model-alone timing decodes them all;
     # skipping covered points only removes decoder work, which this ratio does not measure

@@ -22,8 +22,8 @@ import numpy as np
 from _common import BANEPA, WEIGHTS, per_object_iou
 from sam_geo import segment
 from sam_geo.evaluate import evaluate
-from sam_geo.regularize import regularize_buildings
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.geo.regularize import regularize_buildings
+from sam_geo.run.runtime import RuntimeOptions
 
 
 def main() -> None:

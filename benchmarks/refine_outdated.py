@@ -24,7 +24,7 @@ from rasterio.windows import Window
 
 from _common import BANEPA, WEIGHTS, per_object_iou
 from sam_geo import segment
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.run.runtime import RuntimeOptions
 
 
 def crop_scene(window: Window, folder: Path) -> Path:

@@ -32,9 +32,9 @@ from _bench import crop_scene, driver_segmenter, parse_window, preprocess_for_en
 from _common import BANEPA, WEIGHTS
 from sam_geo import segment
 from sam_geo.engine import resolve_device
-from sam_geo.raster import compute_stretch, open_scene, read_window
-from sam_geo.runtime import RuntimeOptions
-from sam_geo.tiles import TileGrid
+from sam_geo.io.scenes import compute_stretch, open_scene, read_window
+from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.geo.tiles import TileGrid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -18,8 +18,8 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from sam_geo.stitch import piece_from_geometry, stitch
-from sam_geo.tiles import TileGrid
+from sam_geo.geo.stitch import piece_from_geometry, stitch
+from sam_geo.geo.tiles import TileGrid
 
 TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 3_000_000.0)
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from _common import FIELDS, WEIGHTS, per_object_iou
 from sam_geo import segment
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.run.runtime import RuntimeOptions
 
 
 def main() -> None:

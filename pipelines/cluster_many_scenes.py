@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import sam_geo
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.run.runtime import RuntimeOptions
 
 
 def main() -> None:

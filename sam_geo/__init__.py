@@ -11,8 +11,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from . import errors
-from .errors import SamGeoError
+from sam_geo import errors
+from sam_geo.errors import SamGeoError
 
 __version__ = "0.1.0"
 
@@ -21,11 +21,11 @@ _LAZY = {
     "segment_auto": "sam_geo.auto",
     "AutoParams": "sam_geo.auto",
     "SegmentSettings": "sam_geo.api",
-    "RuntimeOptions": "sam_geo.runtime",
-    "TileGrid": "sam_geo.tiles",
-    "Tile": "sam_geo.tiles",
-    "open_scene": "sam_geo.raster",
-    "known_models": "sam_geo.models",
+    "RuntimeOptions": "sam_geo.run.runtime",
+    "TileGrid": "sam_geo.geo.tiles",
+    "Tile": "sam_geo.geo.tiles",
+    "open_scene": "sam_geo.io.scenes",
+    "known_models": "sam_geo.model.registry",
 }
 
 __all__ = ["SamGeoError", "errors", "__version__", *_LAZY]

@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from . import __version__
-from .engine import EngineConfig, TileResult, TileTask, precision_name, resolve_device
-from .errors import ConfigError, OutputError, OutputExistsError, RasterError, RunError
-from .models import resolve_weights
-from .prompts import (
+from sam_geo import __version__
+from sam_geo.engine import EngineConfig, TileResult, TileTask, precision_name, resolve_device
+from sam_geo.errors import ConfigError, OutputError, OutputExistsError, RasterError, RunError
+from sam_geo.model.registry import resolve_weights
+from sam_geo.io.prompts import (
     PROMPT_MODES,
     PromptBatch,
     PromptMode,
@@ -42,13 +42,13 @@ from .prompts import (
     plan_prompt_tiles,
     read_prompt_layer,
 )
-from .raster import SceneInfo, Stretch, compute_stretch, open_scene
-from .runtime import RunTimer, RuntimeOptions, run_tiles
-from .summary import RunSummary
-from .tiles import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, ZOOMS, TileGrid, validate_tiling
-from .vectorize import geometry_area_m2, metres_to_crs_units
-from .workdir import WorkDir, digest, fingerprint_file
-from .writers import check_output_path, write_vector
+from sam_geo.io.scenes import SceneInfo, Stretch, compute_stretch, open_scene
+from sam_geo.run.runtime import RunTimer, RuntimeOptions, run_tiles
+from sam_geo.run.summary import RunSummary
+from sam_geo.geo.tiles import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE, ZOOMS, TileGrid, validate_tiling
+from sam_geo.geo.vectorize import geometry_area_m2, metres_to_crs_units
+from sam_geo.run.workdir import WorkDir, digest, fingerprint_file
+from sam_geo.io.writers import check_output_path, write_vector
 
 DEFAULT_MIN_AREA_M2 = 0.5
 """Polygon parts (and holes) smaller than this many square metres are dropped."""
@@ -74,7 +74,7 @@ class SegmentSettings:
     batch_size: int | None = None
     regularize_m: float | None = None
     """Regularize building outlines (right angles, straight edges) with this simplify
-    tolerance in metres (:func:`sam_geo.regularize.regularize_buildings`); None: off."""
+    tolerance in metres (:func:`sam_geo.geo.regularize.regularize_buildings`); None: off."""
     box_grow: float | None = None
     """Grow box prompts by this fraction of their longer side (None: 0.25 for ``mask``
     prompts, else 0): for outdated outlines that are shifted or too small."""
@@ -156,15 +156,15 @@ def segment(
 
     The run summary is in ``gdf.attrs["summary"]``: prompts outside every scene, on
     nodata, with invalid geometry or an empty mask are listed there. ``work_dir`` keeps
-    each finished tile so a rerun resumes (see :mod:`sam_geo.workdir`); tiles that keep
+    each finished tile so a rerun resumes (see :mod:`sam_geo.run.workdir`); tiles that keep
     failing are recorded and the rest finishes, but more than ``max_failed_tiles``
     failures raise :class:`~sam_geo.errors.RunError` and write no output.
 
     ``negative_points``: a point layer (any CRS); each point is added as a negative
-    point to every prompt near it (:func:`~sam_geo.prompts.add_negative_points`).
+    point to every prompt near it (:func:`~sam_geo.io.prompts.add_negative_points`).
     ``group_column`` (and ``label_column``, 1 positive / 0 negative): rows sharing a
     group value are one object with several points, and a box when the group has a
-    polygon (:func:`~sam_geo.prompts.group_prompt_rows`); one output row per group.
+    polygon (:func:`~sam_geo.io.prompts.group_prompt_rows`); one output row per group.
 
     ``output`` (``.geojson``, ``.gpkg``, ``.parquet``) is written atomically and never
     overwritten unless ``overwrite``. Keyword arguments not listed are fields of
@@ -530,7 +530,7 @@ def _points_digest(group: GroupPoints) -> str:
 
 def _regularize(gdf: gpd.GeoDataFrame, tolerance_m: float, summary: RunSummary) -> gpd.GeoDataFrame:
     """Regularized outlines, areas recomputed; counts go to ``summary.regularize``."""
-    from .regularize import regularize_buildings
+    from sam_geo.geo.regularize import regularize_buildings
 
     start = time.perf_counter()
     out = regularize_buildings(gdf, tolerance_m=tolerance_m)

@@ -3,10 +3,10 @@
 >>> import sam_geo
 >>> gdf = sam_geo.segment_auto("scene.tif", output="objects.gpkg", max_area_m2=50_000)
 
-Each tile of a :class:`~sam_geo.tiles.TileGrid` is encoded once and prompted with a
+Each tile of a :class:`~sam_geo.geo.tiles.TileGrid` is encoded once and prompted with a
 regular grid of points (SAM's automatic mask generation, per tile); the masks that pass
 SAM's quality filters come back from the model actors as polygons
-(:class:`~sam_geo.stitch.Piece`), and :func:`sam_geo.stitch.stitch` joins the pieces
+(:class:`~sam_geo.geo.stitch.Piece`), and :func:`sam_geo.geo.stitch.stitch` joins the pieces
 that overlapping tiles saw of one object into one polygon. No whole-scene array is made.
 
 Per tile (:meth:`AutoTileTask.execute`, in the model actor):
@@ -51,8 +51,8 @@ from affine import Affine
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from . import __version__
-from .api import (
+from sam_geo import __version__
+from sam_geo.api import (
     SegmentSettings,
     _check_summary_path,
     _regularize,
@@ -62,7 +62,7 @@ from .api import (
     _min_area_in_crs_units,
     run_with_work_dir,
 )
-from .engine import (
+from sam_geo.engine import (
     EngineConfig,
     SamBackend,
     TileSegmenter,
@@ -71,16 +71,17 @@ from .engine import (
     task_key,
     timed,
 )
-from .errors import ConfigError, OutputError, OutputExistsError, RunError, WriteError
-from .models import get_spec, resolve_weights
-from .raster import SceneInfo, Stretch, compute_stretch, open_scene
-from .runtime import RuntimeOptions
-from .stitch import DEFAULT_MATCH_IOU, Piece, StitchedObjects, greedy_suppression, piece_from_geometry, stitch
-from .summary import RunSummary, write_json_atomic
-from .tiles import Tile, TileGrid, validate_tiling
-from .vectorize import geometry_area_m2, mask_to_geometry
-from .workdir import WorkDir, fingerprint_file
-from .writers import check_output_path, write_vector
+from sam_geo.errors import ConfigError, OutputError, OutputExistsError, RunError, WriteError
+from sam_geo.model.registry import get_spec, resolve_weights
+from sam_geo.io.scenes import SceneInfo, Stretch, compute_stretch, open_scene
+from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.geo.stitch import DEFAULT_MATCH_IOU, Piece, StitchedObjects, greedy_suppression, piece_from_geometry, stitch
+from sam_geo.run.summary import RunSummary, write_json_atomic
+from sam_geo.geo.tiles import Tile, TileGrid, validate_tiling
+from sam_geo.geo.vectorize import geometry_area_m2, mask_to_geometry
+from sam_geo.run.workdir import WorkDir, fingerprint_file
+from sam_geo.io.labels import check_labels_path, write_labels_raster
+from sam_geo.io.writers import check_output_path, write_vector
 
 __all__ = ["AUTO_COLUMNS", "AutoParams", "AutoTileResult", "AutoTileTask", "segment_auto", "write_labels_raster"]
 
@@ -103,8 +104,7 @@ matched inside the band two tiles share, which must have some width."""
 LOGIT_CROP_MARGIN = 2
 """Low-resolution logit cells kept around each candidate mask's box until it is vectorized."""
 
-LABELS_BLOCK = 512
-"""Block size (pixels) of the labels GeoTIFF; it is written one block at a time."""
+
 
 
 # --- parameters ------------------------------------------------------------------------
@@ -122,13 +122,13 @@ class AutoParams:
     ``min_area_m2`` / ``max_area_m2``: stitched objects outside this range are dropped
     (None: no upper bound). ``points_per_batch``: points per decoder call (None: 64 on
     GPU, 4 on CPU). ``match_iou``: IoU, inside the zone two tiles share, at which their
-    pieces are one object (see :mod:`sam_geo.stitch`). ``max_tile_fraction``: masks
+    pieces are one object (see :mod:`sam_geo.geo.stitch`). ``max_tile_fraction``: masks
     covering more than this share of a tile are dropped as background (None keeps
     them; objects larger than a tile need None or a value near 1). ``nested_thresh``:
     nested-mask suppression on the stitched objects in the area range: greedy, by
     descending predicted IoU, a kept object drops every object nested with it (at least
     this share of the smaller one's area inside the other; see
-    :func:`sam_geo.stitch.greedy_suppression`). None: off, SAM's behaviour; 0.8 in
+    :func:`sam_geo.geo.stitch.greedy_suppression`). None: off, SAM's behaviour; 0.8 in
     ``configs/buildings.yaml``, where SAM's part and whole masks of one roof would
     otherwise both come out. ``skip_covered``: grid points are decoded coarse to fine
     (:func:`coarse_to_fine_order`) and a point on a cell already covered by a kept mask
@@ -188,7 +188,7 @@ class AutoParams:
 class AutoTileResult:
     """What a worker sends back for one tile of automatic segmentation (no pixels).
 
-    ``objects``: the tile's masks as :class:`~sam_geo.stitch.Piece` (WKB polygon in the
+    ``objects``: the tile's masks as :class:`~sam_geo.geo.stitch.Piece` (WKB polygon in the
     scene CRS, predicted IoU, stability, box in scene pixels, read-window sides facing
     another tile that the mask reaches); ``points``: grid points decoded (on valid
     pixels); ``seconds``: read, encode, decode, vectorize.
@@ -547,7 +547,7 @@ def _part_at(geom: shapely.Geometry, xy: tuple[float, float]) -> shapely.Geometr
 
 @dataclass
 class AutoRunSummary(RunSummary):
-    """The run summary (see :mod:`sam_geo.summary`) plus stitching counts in ``objects``.
+    """The run summary (see :mod:`sam_geo.run.summary`) plus stitching counts in ``objects``.
 
     ``prompts.used`` counts the grid points decoded, ``prompts.skipped_covered`` those
     left out because a kept mask covered them (:attr:`AutoParams.skip_covered`).
@@ -574,7 +574,7 @@ def segment_auto(
     """Segment every object of a scene automatically; one polygon per object.
 
     Every tile is prompted with a grid of points (see :class:`AutoParams`) and the
-    tiles' masks are stitched across tile edges (:func:`sam_geo.stitch.stitch`): an
+    tiles' masks are stitched across tile edges (:func:`sam_geo.geo.stitch.stitch`): an
     object seen by several tiles comes out once, an object larger than a tile is
     assembled from its pieces, and the result does not depend on the tile size and
     overlap beyond small boundary differences. Returns one row per object with
@@ -878,7 +878,7 @@ def _stitched_frame(
 def suppress_nested(pieces: list[Piece], threshold: float) -> list[Piece]:
     """Greedy nested-mask suppression on one tile's pieces (what
     :attr:`AutoParams.nested_thresh` does to the stitched objects; see
-    :func:`sam_geo.stitch.greedy_suppression` with ``overlap="ios"``): visited by
+    :func:`sam_geo.geo.stitch.greedy_suppression` with ``overlap="ios"``): visited by
     descending predicted IoU, a kept piece drops every piece with at least
     ``threshold`` of the smaller one's area inside the other. Used for per-tile
     baselines (``benchmarks/auto_banepa.py``)."""
@@ -898,85 +898,3 @@ def _drop_small_parts(geoms: np.ndarray, min_area: float) -> np.ndarray:
         if parts:
             out[i] = parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
     return out
-
-
-# --- labels raster ---------------------------------------------------------------------
-
-
-def check_labels_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Validate a labels GeoTIFF path before any work (suffix, directory, existing file)."""
-    target = Path(path).expanduser()
-    if target.suffix.lower() not in (".tif", ".tiff"):
-        raise OutputError(f"labels raster {str(target)!r} must be a GeoTIFF ending in .tif or .tiff")
-    if not target.parent.is_dir():
-        raise OutputError(f"directory {str(target.parent)!r} of the labels raster does not exist; create it first")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"labels raster {str(target)!r} exists; pass --overwrite to replace it")
-    return target
-
-
-def write_labels_raster(
-    gdf: gpd.GeoDataFrame, scene: SceneInfo, path: str | os.PathLike[str], *, overwrite: bool = False
-) -> Path:
-    """Write ``object_id`` of ``gdf`` as an instance-label GeoTIFF on the scene's grid.
-
-    uint32, 0 = no object, tiled 512 x 512, deflate. Written one block at a time: each
-    block rasterizes only the polygons an STRtree finds over it (pixel centres inside a
-    polygon take its id; where objects overlap the smaller one wins), so memory does not
-    grow with the scene. Written to a temporary file beside ``path``, then renamed.
-    """
-    target = check_labels_path(path, overwrite=overwrite)
-    geoms = gdf.geometry.to_numpy()
-    ids = gdf["object_id"].to_numpy(dtype=np.uint32)
-    order = np.argsort(-shapely.area(geoms), kind="stable") if len(geoms) else np.zeros(0, dtype=np.int64)
-    tree = shapely.STRtree(geoms)
-    profile = {
-        "driver": "GTiff",
-        "width": scene.width,
-        "height": scene.height,
-        "count": 1,
-        "dtype": "uint32",
-        "crs": scene.crs,
-        "transform": scene.transform,
-        "nodata": 0,
-        "tiled": True,
-        "blockxsize": LABELS_BLOCK,
-        "blockysize": LABELS_BLOCK,
-        "compress": "deflate",
-    }
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.tif")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for window in _blocks(scene.height, scene.width, LABELS_BLOCK):
-                transform = rasterio.windows.transform(window, scene.transform)
-                hits = tree.query(_window_polygon(window, scene.transform), predicate="intersects")
-                hits = hits[np.argsort(rank[hits])]  # large first, small painted over them
-                block = np.zeros((int(window.height), int(window.width)), dtype=np.uint32)
-                if len(hits):
-                    block = rasterio.features.rasterize(
-                        zip(geoms[hits], ids[hits].tolist()),
-                        out_shape=block.shape,
-                        transform=transform,
-                        fill=0,
-                        dtype="uint32",
-                    )
-                dst.write(block, 1, window=window)
-        os.replace(tmp, target)
-    except (OSError, RasterioError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write labels raster {target}: {exc}; check free space and permissions") from exc
-    return target
-
-
-def _blocks(height: int, width: int, size: int) -> Iterator[Window]:
-    for row in range(0, height, size):
-        for col in range(0, width, size):
-            yield Window(col, row, min(size, width - col), min(size, height - row))
-
-
-def _window_polygon(window: Window, transform: Affine) -> shapely.Geometry:
-    c0, r0 = window.col_off, window.row_off
-    c1, r1 = c0 + window.width, r0 + window.height
-    return shapely.Polygon([transform * (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .errors import SamGeoError
+from sam_geo.errors import SamGeoError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -36,7 +36,7 @@ def _apply_config(ctx: click.Context, command: str) -> None:
     path = ctx.params.get("config")
     if not path:
         return
-    from .config import load_config, section_values
+    from sam_geo.config import load_config, section_values
 
     values = section_values(load_config(path), command)
     for key, value in values.items():
@@ -133,8 +133,8 @@ def segment(ctx: click.Context, **kwargs: Any) -> None:
     """
     _apply_config(ctx, "segment")
     params = dict(ctx.params)
-    from .api import segment as run_segment
-    from .runtime import RuntimeOptions
+    from sam_geo.api import segment as run_segment
+    from sam_geo.run.runtime import RuntimeOptions
 
     output = params["output"]
     if output is None:
@@ -195,9 +195,9 @@ def auto(ctx: click.Context, **kwargs: Any) -> None:
     """
     _apply_config(ctx, "auto")
     params = dict(ctx.params)
-    from .api import DEFAULT_MIN_AREA_M2
-    from .auto import AutoParams, segment_auto
-    from .runtime import RuntimeOptions
+    from sam_geo.api import DEFAULT_MIN_AREA_M2
+    from sam_geo.auto import AutoParams, segment_auto
+    from sam_geo.run.runtime import RuntimeOptions
 
     if params["output"] is None:
         raise click.UsageError("give an output file with -o/--output (.geojson, .gpkg or .parquet)")
@@ -286,8 +286,8 @@ def text(ctx: click.Context, **kwargs: Any) -> None:
     """
     _apply_config(ctx, "text")
     params = dict(ctx.params)
-    from .grounded import segment_text
-    from .runtime import RuntimeOptions
+    from sam_geo.grounded import segment_text
+    from sam_geo.run.runtime import RuntimeOptions
 
     if params["output"] is None:
         raise click.UsageError("give an output file with -o/--output (.geojson, .gpkg or .parquet)")
@@ -312,7 +312,7 @@ def text(ctx: click.Context, **kwargs: Any) -> None:
 
 def _settings_from(params: dict[str, Any]) -> Any:
     """SegmentSettings from the common options."""
-    from .api import SegmentSettings
+    from sam_geo.api import SegmentSettings
 
     return SegmentSettings(
         model=params["model"],
@@ -349,7 +349,7 @@ def evaluate_command(pred: str, gt: str, iou: float, aoi: str | None, key: str |
     Polygons are matched one-to-one (greedy, highest IoU first) at IoU >= --iou, after
     reprojecting both layers to GT's projected CRS (or its UTM zone).
     """
-    from .evaluate import evaluate
+    from sam_geo.evaluate import evaluate
 
     result = evaluate(pred, gt, iou=iou, aoi=aoi, key=key)
     if as_json:
@@ -415,8 +415,8 @@ def show_command(scene: str, layer: str | None, output: str, size: int, window: 
     """Render SCENE with the outlines of LAYER (optional) to a PNG quicklook, and a map."""
     from pathlib import Path
 
-    from .errors import OutputExistsError
-    from .show import html_map, quicklook
+    from sam_geo.errors import OutputExistsError
+    from sam_geo.show import html_map, quicklook
 
     for path in (output, html_path):  # fail before writing either file
         if path and Path(path).exists() and not overwrite:
@@ -433,7 +433,7 @@ def models(as_json: bool) -> None:
     """List the models sam-geo knows, with sizes, licences and weight sources."""
     from dataclasses import asdict
 
-    from .models import MODELS
+    from sam_geo.model.registry import MODELS
 
     if as_json:
         click.echo(json.dumps({name: asdict(spec) for name, spec in MODELS.items()}, indent=2))

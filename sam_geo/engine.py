@@ -1,7 +1,7 @@
 """The work done inside a model actor: read a tile, encode it once, decode its prompts.
 
 :class:`TileSegmenter` holds one SAM-family model and the open datasets; it is what a
-Ray actor wraps (:mod:`sam_geo.runtime`) and can also be used in-process. Input is a
+Ray actor wraps (:mod:`sam_geo.run.runtime`) and can also be used in-process. Input is a
 :class:`TileTask` (a tile descriptor plus its prompts: no pixels); output a
 :class:`TileResult` carrying polygons as WKB in the scene CRS, never mask arrays.
 
@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from affine import Affine
 
-from .errors import ConfigError
-from .models import build_sam, get_spec
-from .prompts import PromptBatch
-from .raster import SceneInfo, Stretch, WindowRead, read_window
-from .tiles import Tile
-from .vectorize import mask_to_geometry
+from sam_geo.errors import ConfigError
+from sam_geo.model.registry import build_sam, get_spec
+from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.scenes import SceneInfo, Stretch, WindowRead, read_window
+from sam_geo.geo.tiles import Tile
+from sam_geo.geo.vectorize import mask_to_geometry
 
 CPU_HEAP_KEEP_MB = 1024
 """Freed memory (MiB) that glibc's allocator keeps for reuse in a CPU model process
@@ -269,7 +269,7 @@ def cpu_mask_decoder(
     decoder: torch.nn.Module, dtype: torch.dtype = torch.float32, context: int | None = None
 ) -> torch.nn.Module:
     """A copy of SAM's official ``MaskDecoder`` that runs fast on CPU, same outputs:
-    :class:`sam_geo.decoder.FactorizedMaskDecoder` with weights in ``dtype`` (bf16 runs
+    :class:`sam_geo.model.decoder.FactorizedMaskDecoder` with weights in ``dtype`` (bf16 runs
     outside autocast, which would re-cast weights and activations around every layer).
 
     On CPU SAM's decoder costs more than MobileSAM's image encoder: per prompt it
@@ -280,9 +280,9 @@ def cpu_mask_decoder(
 
     ``context`` (image-embedding cells a side, None: the whole grid) restricts each box
     prompt's transformer to a square around its box: faster, no longer the same outputs
-    (see :class:`~sam_geo.decoder.FactorizedMaskDecoder`).
+    (see :class:`~sam_geo.model.decoder.FactorizedMaskDecoder`).
     """
-    from .decoder import FactorizedMaskDecoder
+    from sam_geo.model.decoder import FactorizedMaskDecoder
 
     return FactorizedMaskDecoder(decoder, dtype, context)
 
@@ -335,7 +335,7 @@ class SamBackend:
 
         ``windows`` (n, 4), optional, for the CPU decoder: the cells of the logits grid
         each prompt's mask is kept in (:func:`logits_windows`); logits outside are not
-        computed (see :class:`sam_geo.decoder.FactorizedMaskDecoder`)."""
+        computed (see :class:`sam_geo.model.decoder.FactorizedMaskDecoder`)."""
         inputs = {"image_embeddings": embedding, "image_pe": self._dense_pe(), "sparse_prompt_embeddings": sparse,
                   "dense_prompt_embeddings": dense, "multimask_output": multimask}
         if self._cpu_decoder is None:
@@ -424,7 +424,7 @@ def build_backend(name: str, weights: Path | None, device: torch.device, *, mult
     """The model backend for a registry name (``models.MODELS``), weights loaded."""
     spec = get_spec(name)
     if spec.family == "sam2":
-        from .sam2_backend import Sam2Backend
+        from sam_geo.model.sam2_backend import Sam2Backend
 
         backend = Sam2Backend(name, weights, device)
         backend.multimask = multimask
@@ -493,7 +493,7 @@ class TileSegmenter:
     def detector(self) -> Any:
         """The text detector of ``config.detector``, loaded once per actor on first use."""
         if self._detector is None:
-            from .text import TextDetector
+            from sam_geo.model.detector import TextDetector
 
             if self.config.detector is None:
                 raise ValueError("this segmenter was built without a text detector")

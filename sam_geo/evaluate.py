@@ -6,7 +6,7 @@ carries the id of the GT object it was prompted with.
 
 Steps, in order:
 
-1. **Read** both layers (any format :func:`sam_geo.prompts.read_prompt_layer` reads, or
+1. **Read** both layers (any format :func:`sam_geo.io.prompts.read_prompt_layer` reads, or
    GeoDataFrames); each must have a CRS. An empty prediction layer is allowed (every GT
    object is then missed); an empty GT layer is an error.
 2. **Reproject** both to one *projected* CRS, so areas are planar and in metres-like
@@ -53,8 +53,8 @@ import pandas as pd
 import pyproj
 import shapely
 
-from .errors import ConfigError, CRSError, PromptError
-from .prompts import read_prompt_layer
+from sam_geo.errors import ConfigError, CRSError, PromptError
+from sam_geo.io.prompts import read_prompt_layer
 
 __all__ = [
     "EvaluationResult",
@@ -288,7 +288,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 def read_layer(source: LayerSource, *, role: str = "vector") -> gpd.GeoDataFrame:
     """Read a polygon layer from a path or copy a GeoDataFrame; row order is kept.
 
-    Files are read by :func:`sam_geo.prompts.read_prompt_layer` (Shapefile, GeoJSON,
+    Files are read by :func:`sam_geo.io.prompts.read_prompt_layer` (Shapefile, GeoJSON,
     GeoPackage, GeoParquet ...); unlike there, an empty layer is returned (zero rows)
     rather than refused. ``role`` names the layer in error messages.
 

@@ -1,7 +1,7 @@
 """Text prompts: a grounding detector turns phrases into boxes per tile, SAM segments them.
 
 Every tile of the grid is read once by a model actor, which runs the detector
-(:class:`~sam_geo.text.TextDetector`, OWLv2 or Grounding DINO through ``transformers``)
+(:class:`~sam_geo.model.detector.TextDetector`, OWLv2 or Grounding DINO through ``transformers``)
 on it, keeps the detections whose box centre lies in the tile's **core** window, encodes
 the tile once and decodes those boxes with SAM. Core windows partition the scene, so an
 object seen by two overlapping tiles is kept by exactly one of them (the one owning its
@@ -26,7 +26,7 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
-from .api import (
+from sam_geo.api import (
     SegmentSettings,
     _check_summary_path,
     _merge_settings,
@@ -36,18 +36,18 @@ from .api import (
     expand_scenes,
     run_with_work_dir,
 )
-from .engine import EngineConfig, TileResult, TileSegmenter, _decode_batches, precision_name, resolve_device, task_key, timed
-from .errors import ConfigError, RunError
-from .models import resolve_weights
-from .prompts import PromptBatch
-from .raster import SceneInfo, Stretch, compute_stretch, open_scene
-from .runtime import RuntimeOptions
-from .summary import RunSummary
-from .text import DEFAULT_TEXT_MODEL
-from .tiles import Tile, TileGrid, validate_tiling
-from .vectorize import geometry_area_m2
-from .workdir import WorkDir, fingerprint_file
-from .writers import check_output_path, write_vector
+from sam_geo.engine import EngineConfig, TileResult, TileSegmenter, _decode_batches, precision_name, resolve_device, task_key, timed
+from sam_geo.errors import ConfigError, RunError
+from sam_geo.model.registry import resolve_weights
+from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.scenes import SceneInfo, Stretch, compute_stretch, open_scene
+from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.run.summary import RunSummary
+from sam_geo.model.detector import DEFAULT_TEXT_MODEL
+from sam_geo.geo.tiles import Tile, TileGrid, validate_tiling
+from sam_geo.geo.vectorize import geometry_area_m2
+from sam_geo.run.workdir import WorkDir, fingerprint_file
+from sam_geo.io.writers import check_output_path, write_vector
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def segment_text(
     ``detector`` is a Hugging Face model name (downloaded once into the Hugging Face
     cache when online) or a local folder written by ``save_pretrained``; it is passed to
     ``transformers`` unchanged. Thresholds default to the detector's own
-    (:data:`sam_geo.text.DEFAULT_THRESHOLDS`). Returns one row per object with
+    (:data:`sam_geo.model.detector.DEFAULT_THRESHOLDS`). Returns one row per object with
     ``phrase``, ``detector_score``, ``score`` (SAM's predicted IoU) and ``area_m2``, in
     the (first) scene's CRS; several scenes add a ``scene`` column. Other arguments as
     :func:`sam_geo.segment`.

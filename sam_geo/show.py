@@ -1,7 +1,7 @@
 """Look at results: a PNG quicklook of a scene with polygon outlines, and an HTML map.
 
 * :func:`quicklook` renders a scene (or a window of it) with the pipeline's own
-  scene-wide stretch (:func:`sam_geo.raster.compute_stretch`), read decimated with
+  scene-wide stretch (:func:`sam_geo.io.scenes.compute_stretch`), read decimated with
   ``out_shape`` so a huge scene never comes into memory at full resolution, and draws
   the outlines of a vector layer (reprojected to the scene's CRS) on top.
 * :func:`html_map` writes a self-contained Leaflet map (folium): the same rendering,
@@ -45,9 +45,9 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from .errors import ConfigError, CRSError, OutputError, OutputExistsError, SamGeoError, WriteError
-from .evaluate import read_layer
-from .raster import SceneInfo, compute_stretch, open_scene, read_window
+from sam_geo.errors import ConfigError, CRSError, OutputError, OutputExistsError, SamGeoError, WriteError
+from sam_geo.evaluate import read_layer
+from sam_geo.io.scenes import SceneInfo, compute_stretch, open_scene, read_window
 
 __all__ = ["html_map", "quicklook", "render_scene"]
 
@@ -82,8 +82,8 @@ def quicklook(
     """Render ``scene`` (or a window of it) with ``layer``'s outlines to a PNG/JPEG.
 
     Args:
-        scene: Raster path (anything :func:`sam_geo.raster.open_scene` opens) or a
-            :class:`~sam_geo.raster.SceneInfo`.
+        scene: Raster path (anything :func:`sam_geo.io.scenes.open_scene` opens) or a
+            :class:`~sam_geo.io.scenes.SceneInfo`.
         layer: Optional vector layer (path or GeoDataFrame, any CRS): polygon outlines
             and lines are drawn ``line_width`` px wide in ``colour``, points as small
             circles. Features outside the window are skipped.

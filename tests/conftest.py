@@ -30,7 +30,7 @@ def ray_session() -> Iterator[None]:
     """One embedded local Ray for the whole test session (start-up costs seconds)."""
     import ray
 
-    from sam_geo.runtime import ensure_ray
+    from sam_geo.run.runtime import ensure_ray
 
     ensure_ray(None)
     yield

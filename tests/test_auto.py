@@ -1,8 +1,8 @@
 """Automatic segmentation: stitching across tiles (pure vectors), then end to end with MobileSAM.
 
 The stitching tests cut synthetic polygons ("what a perfect SAM would return") by the
-read windows of real :class:`~sam_geo.tiles.TileGrid` tiles, so they check the rule of
-:mod:`sam_geo.stitch` without a model. The end-to-end tests segment a small synthetic
+read windows of real :class:`~sam_geo.geo.tiles.TileGrid` tiles, so they check the rule of
+:mod:`sam_geo.geo.stitch` without a model. The end-to-end tests segment a small synthetic
 scene (flat-coloured shapes on noise, placed across tile edges and corners, one longer
 than a tile) with the real MobileSAM weights, at three tile sizes / overlaps.
 """
@@ -35,9 +35,9 @@ from sam_geo.auto import (
 )
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from sam_geo.errors import ConfigError, OutputExistsError
-from sam_geo.runtime import RuntimeOptions
-from sam_geo.stitch import BOTTOM, LEFT, RIGHT, TOP, Piece, interior_sides, piece_from_geometry, stitch
-from sam_geo.tiles import TileGrid
+from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.geo.stitch import BOTTOM, LEFT, RIGHT, TOP, Piece, interior_sides, piece_from_geometry, stitch
+from sam_geo.geo.tiles import TileGrid
 
 NORTH_UP = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 3_000_000.0)
 ROTATED = Affine.translation(500_000.0, 3_000_000.0) * Affine.rotation(25.0) * Affine.scale(0.5, -0.5)
@@ -490,7 +490,7 @@ def test_nested_masks_keep_the_higher_scored_one_only() -> None:
 
 
 def test_greedy_suppression_by_iou_and_by_containment() -> None:
-    from sam_geo.stitch import greedy_suppression
+    from sam_geo.geo.stitch import greedy_suppression
 
     whole = shapely.box(0, 0, 10, 10)
     part = shapely.box(0, 0, 5, 10)  # half of the whole: IoU 0.5, all of it inside

@@ -11,8 +11,8 @@ from affine import Affine
 
 from sam_geo.errors import ConfigError
 from sam_geo.engine import _decode_batches, _to_tile_pixels, choose_masks, mask_prompt_logits, upsample_crop
-from sam_geo.prompts import PromptBatch
-from sam_geo.tiles import TileGrid
+from sam_geo.io.prompts import PromptBatch
+from sam_geo.geo.tiles import TileGrid
 
 
 def sam_postprocess(low_res: torch.Tensor, input_hw: tuple[int, int], tile_hw: tuple[int, int]) -> torch.Tensor:
@@ -304,7 +304,7 @@ def test_box_masks_are_the_official_ones_inside_their_kept_crop(mobile_sam_segme
     that each prompt's kept crop reads: the thresholded crops equal those from the
     official decoder's full grid, for boxes of many sizes, at tile edges included.
     (700 px: the tile is resized to the model's frame and padded along no axis but one.)"""
-    from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT
+    from sam_geo.model.decoder import OUTSIDE_WINDOW_LOGIT
     from sam_geo.engine import _crop_for_prompt, logits_windows, upsample_crop
 
     fp32, _ = mobile_sam_segmenters
@@ -343,7 +343,7 @@ def test_factorized_decoder_matches_a_random_sam_decoder() -> None:
     """The algebra holds for any weights (SAM ViT-B/L/H share this decoder): a randomly
     initialised MaskDecoder with larger weights than a trained one, where a dropped bias
     or a wrong head split would show."""
-    from sam_geo.decoder import FactorizedMaskDecoder
+    from sam_geo.model.decoder import FactorizedMaskDecoder
 
     decoder = _random_decoder(seed=3, inflate=0.05)
     image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)
@@ -360,11 +360,11 @@ def test_factorized_decoder_matches_a_random_sam_decoder() -> None:
 @pytest.mark.parametrize("sparse_tokens", [1, 2, 3])
 def test_low_rank_decoder_matches_a_random_sam_decoder_inside_its_windows(multimask: bool, sparse_tokens: int) -> None:
     """With logits windows the decoder keeps each prompt's image tokens in low-rank form
-    (sam_geo.lowrank): same logits inside the windows as the official decoder, and
+    (sam_geo.model.lowrank): same logits inside the windows as the official decoder, and
     OUTSIDE_WINDOW_LOGIT outside, for larger-than-trained random weights, windows on the
     grid's corners, an empty window and a mask prompt (dense differing per prompt, which
     goes the factorized way)."""
-    from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
+    from sam_geo.model.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
 
     decoder = _random_decoder(seed=11 + sparse_tokens, inflate=0.05)
     torch.manual_seed(11 + sparse_tokens)
@@ -391,7 +391,7 @@ def test_low_rank_tokens_equal_the_materialised_tokens_through_attention_and_lay
     """LowRankTokens, step by step against the same steps on materialised (b, L, C)
     tokens: an image-to-token update, a LayerNorm, another update and LayerNorm; then
     attention scores and weighted sums through a projection, and the tokens themselves."""
-    from sam_geo.lowrank import LowRankTokens, TileProducts
+    from sam_geo.model.lowrank import LowRankTokens, TileProducts
 
     torch.manual_seed(2)
     b, length, channels, heads, n = 3, 50, 32, 4, 5
@@ -479,7 +479,7 @@ def test_decoder_context_of_the_whole_grid_gives_the_exact_outputs_and_smaller_s
     logits); a small one keeps every prompt's logits inside its window, the rest at
     OUTSIDE_WINDOW_LOGIT, for windows in the grid's corners, middle and larger than the
     context (a 40-cell box with a 16-cell context)."""
-    from sam_geo.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
+    from sam_geo.model.decoder import OUTSIDE_WINDOW_LOGIT, FactorizedMaskDecoder
 
     decoder = _random_decoder()
     image, pe = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64)

@@ -703,7 +703,7 @@ def test_attribute_names_clashing_with_the_output_format(base, out_dir, tmp_path
 def test_api_prompt_frame_with_mixed_type_column(base, out_dir) -> None:
     """A GeoDataFrame column holding numbers and text is written (as text) to GeoParquet."""
     import sam_geo
-    from sam_geo.runtime import RuntimeOptions
+    from sam_geo.run.runtime import RuntimeOptions
 
     frame = prompt_frame(names=("a", "b"))
     frame["code"] = [17, "B-2"]

@@ -1,4 +1,4 @@
-"""Tests of sam_geo.models: registry, weights resolution and model construction.
+"""Tests of sam_geo.model.registry: registry, weights resolution and model construction.
 
 No test touches the network: the two remote fetchers are replaced by fakes (an autouse
 fixture makes any unplanned call fail), and the real URL code path is exercised with a

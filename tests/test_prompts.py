@@ -10,8 +10,8 @@ from affine import Affine
 from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Point, Polygon, box
 
 from sam_geo.errors import CRSError, PromptError
-from sam_geo.prompts import build_prompts, plan_prompt_tiles, prompt_extent, read_prompt_layer
-from sam_geo.tiles import TileGrid
+from sam_geo.io.prompts import build_prompts, plan_prompt_tiles, prompt_extent, read_prompt_layer
+from sam_geo.geo.tiles import TileGrid
 
 # A 2000 x 3000 px scene (rows x cols) at 0.5 m in UTM 45N.
 SCENE_CRS = "EPSG:32645"
@@ -174,7 +174,7 @@ def test_mask_mode_keeps_the_polygon_in_pixels_and_its_box() -> None:
 
 
 def test_negative_points_join_only_nearby_prompts() -> None:
-    from sam_geo.prompts import MAX_NEGATIVE_POINTS, add_negative_points
+    from sam_geo.io.prompts import MAX_NEGATIVE_POINTS, add_negative_points
 
     layer = frame([pixel_box(100, 100, 200, 200), pixel_box(1000, 1000, 1100, 1100), Point(scene_xy(500, 500))])
     batch = build_prompts(layer, SCENE_CRS, SCENE_TRANSFORM, SCENE_SHAPE).batch
@@ -209,7 +209,7 @@ def grouped_layer(crs: str = SCENE_CRS) -> gpd.GeoDataFrame:
 
 @pytest.mark.parametrize("layer_crs", [SCENE_CRS, "EPSG:4326"])
 def test_grouped_rows_become_one_prompt_with_all_their_points(layer_crs: str) -> None:
-    from sam_geo.prompts import add_group_points, group_prompt_rows
+    from sam_geo.io.prompts import add_group_points, group_prompt_rows
 
     grouped, points = group_prompt_rows(grouped_layer(layer_crs), "obj", "label")
     assert list(grouped["name"]) == ["a-roof", "b-first"]  # the polygon row, else the first positive point
@@ -229,7 +229,7 @@ def test_grouped_rows_become_one_prompt_with_all_their_points(layer_crs: str) ->
 
 
 def test_grouped_rows_without_labels_are_all_positive() -> None:
-    from sam_geo.prompts import group_prompt_rows
+    from sam_geo.io.prompts import group_prompt_rows
 
     _, points = group_prompt_rows(grouped_layer(), "obj")
     assert all((lab == 1).all() for _, lab in points.points.values())
@@ -245,7 +245,7 @@ def test_grouped_rows_without_labels_are_all_positive() -> None:
     ],
 )
 def test_grouped_layer_mistakes_are_named(change: dict, needle: str) -> None:
-    from sam_geo.prompts import group_prompt_rows
+    from sam_geo.io.prompts import group_prompt_rows
 
     layer = grouped_layer()
     if change.get("geometry"):

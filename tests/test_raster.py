@@ -1,4 +1,4 @@
-"""sam_geo.raster: opening scenes, the scene-wide stretch and window reads.
+"""sam_geo.io.scenes: opening scenes, the scene-wide stretch and window reads.
 
 Every fixture is a tiny GeoTIFF written into ``tmp_path`` by ``conftest.make_raster``.
 """
@@ -26,7 +26,7 @@ from rasterio.windows import Window
 from shapely.geometry import Polygon
 
 from sam_geo.errors import ConfigError, CRSError, InputError, RasterError, RasterReadError
-from sam_geo.raster import (
+from sam_geo.io.scenes import (
     SceneInfo,
     Stretch,
     WindowRead,
@@ -659,7 +659,7 @@ def test_corrupt_block_raises_read_error(tmp_path: Path, damage) -> None:
 def test_stretch_skips_unreadable_parts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = _overwritten(tmp_path, size=768)  # read whole in 4 chunks; chunk (0, 0) is damaged
     scene = open_scene(path)
-    with caplog.at_level(logging.WARNING, logger="sam_geo.raster"):
+    with caplog.at_level(logging.WARNING, logger="sam_geo.io.scenes"):
         stretch = compute_stretch(scene, method="percentile", percentiles=(0, 100))
     assert stretch.low[0] <= 1 and stretch.high[0] >= 254
     assert "skipping unreadable window (row_off=0, col_off=0, height=512" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests of sam_geo.regularize: mask-like buildings become clean, valid outlines."""
+"""Tests of sam_geo.geo.regularize: mask-like buildings become clean, valid outlines."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from shapely import affinity
 from shapely.geometry import Point, Polygon, box
 
 from sam_geo.errors import ConfigError, CRSError
-from sam_geo.regularize import regularize_buildings
-from sam_geo.vectorize import mask_to_geometry
+from sam_geo.geo.regularize import regularize_buildings
+from sam_geo.geo.vectorize import mask_to_geometry
 
 UTM = "EPSG:32645"
 PIXEL_M = 0.3

@@ -17,7 +17,7 @@ from conftest import BANEPA, make_raster
 from sam_geo import segment
 from sam_geo.api import expand_scenes
 from sam_geo.errors import ConfigError, RasterError, RunError
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.run.runtime import RuntimeOptions
 
 TILING = {"tile_size": 256, "overlap": 32}
 
@@ -181,7 +181,7 @@ def scene_crs(path: Path) -> str:
 
 def test_cpu_actors_run_one_task_at_a_time_and_gpu_actors_fill_an_encoder_batch() -> None:
     from sam_geo.engine import GPU_ENCODE_BATCH, EngineConfig
-    from sam_geo.runtime import TASKS_PER_ACTOR, tasks_per_actor
+    from sam_geo.run.runtime import TASKS_PER_ACTOR, tasks_per_actor
 
     config = EngineConfig(model="mobile_sam", weights="w.pt")
     assert tasks_per_actor(config, on_gpu=False) == 1

@@ -1,4 +1,4 @@
-"""Tests of the SAM 2.1 backend (sam_geo.sam2_backend) and its registry entries.
+"""Tests of the SAM 2.1 backend (sam_geo.model.sam2_backend) and its registry entries.
 
 No SAM 2.1 weights are available offline, so everything runs on a randomly initialised
 ``sam2.1_hiera_tiny`` built from the ``sam2`` package's config: only the plumbing is
@@ -25,10 +25,10 @@ from conftest import RASTER_TEST_TRANSFORM, make_raster
 from sam_geo import models, segment
 from sam_geo.engine import build_backend, upsample_crop
 from sam_geo.errors import ConfigError, WeightsError, WeightsNotFoundError
-from sam_geo.prompts import PromptBatch
-from sam_geo.raster import open_scene
-from sam_geo.runtime import RuntimeOptions
-from sam_geo.sam2_backend import Sam2Backend, Sam2Embedding, build_sam2_model, guess_sam2_model
+from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.scenes import open_scene
+from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.model.sam2_backend import Sam2Backend, Sam2Embedding, build_sam2_model, guess_sam2_model
 
 TINY = "sam2.1_hiera_tiny"
 SAM2_NAMES = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large")

@@ -22,8 +22,8 @@ from shapely.geometry import Point
 from conftest import BANEPA, FIELDS, INRIA
 from sam_geo import segment
 from sam_geo.errors import OutputExistsError
-from sam_geo.raster import open_scene
-from sam_geo.runtime import RuntimeOptions
+from sam_geo.io.scenes import open_scene
+from sam_geo.run.runtime import RuntimeOptions
 
 IN_PROCESS = RuntimeOptions(workers=0, progress=False)
 

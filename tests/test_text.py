@@ -1,4 +1,4 @@
-"""Tests of sam_geo.text: phrases -> boxes with OWLv2 and Grounding DINO.
+"""Tests of sam_geo.model.detector: phrases -> boxes with OWLv2 and Grounding DINO.
 
 No model is downloaded: tiny randomly initialised detectors are built from small
 ``transformers`` configs, with tokenizers made from vocabularies written here (a
@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from sam_geo.errors import ConfigError, WeightsNotFoundError
-from sam_geo.text import DEFAULT_TEXT_MODEL, Detections, TextDetector
+from sam_geo.model.detector import DEFAULT_TEXT_MODEL, Detections, TextDetector
 
 ROWS, COLS = 200, 256
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sam_geo.errors import ConfigError
-from sam_geo.tiles import PixelBox, TileGrid, validate_tiling
+from sam_geo.geo.tiles import PixelBox, TileGrid, validate_tiling
 
 
 @st.composite

@@ -1,4 +1,4 @@
-"""Tests for sam_geo.vectorize: masks -> georeferenced polygons, areas in m^2."""
+"""Tests for sam_geo.geo.vectorize: masks -> georeferenced polygons, areas in m^2."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from sam_geo.errors import CRSError
-from sam_geo.vectorize import geometry_area_m2, mask_to_geometry, metres_to_crs_units
+from sam_geo.geo.vectorize import geometry_area_m2, mask_to_geometry, metres_to_crs_units
 
 # 0.5 CRS units per pixel, upper-left corner at (1000, 2000), north up.
 NORTH_UP = Affine(0.5, 0, 1000, 0, -0.5, 2000)
@@ -217,7 +217,7 @@ def test_simplify_keeps_hole_and_parts_valid() -> None:
 def test_parts_overlapping_after_simplification_are_merged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import sam_geo.vectorize as vectorize
+    import sam_geo.geo.vectorize as vectorize
 
     rows = ["000100", "001001", "101111", "010001", "110101", "111100"]
     mask = np.array([[c == "1" for c in row] for row in rows])

@@ -1,4 +1,4 @@
-"""Tests for sam_geo.writers: atomic GeoJSON (RFC 7946), GeoPackage and GeoParquet output."""
+"""Tests for sam_geo.io.writers: atomic GeoJSON (RFC 7946), GeoPackage and GeoParquet output."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from sam_geo.errors import CRSError, OutputError, OutputExistsError, WriteError
-from sam_geo.writers import SUPPORTED_SUFFIXES, check_output_path, write_vector
+from sam_geo.io.writers import SUPPORTED_SUFFIXES, check_output_path, write_vector
 
 SUFFIXES = [".geojson", ".gpkg", ".parquet"]
 UTM33N = "EPSG:32633"

@@ -37,8 +37,8 @@ import shapely
 from affine import Affine
 from pyproj import CRS
 
-from .errors import CRSError, PromptError
-from .tiles import PixelBox, Tile, TileGrid
+from sam_geo.errors import CRSError, PromptError
+from sam_geo.geo.tiles import PixelBox, Tile, TileGrid
 
 PromptMode = Literal["auto", "point", "box", "box+point", "mask"]
 PROMPT_MODES: tuple[str, ...] = ("auto", "point", "box", "box+point", "mask")

@@ -26,7 +26,7 @@ of the tokens, without materialising the (prompts, 4,096, 256) tensors:
 The products over the 4,096 tokens then have inner sizes of 16 (a head) or the number
 of rows (58 and 116 with a box prompt), not 256. The function is exactly the official
 one, up to float rounding: the variance is ``E[x^2] - E[x]^2``, so this runs in float32
-(:class:`~sam_geo.decoder.FactorizedMaskDecoder` uses it for float32 weights only).
+(:class:`~sam_geo.model.decoder.FactorizedMaskDecoder` uses it for float32 weights only).
 Only the image tokens a caller asks for (a prompt's mask window) are ever
 materialised (:meth:`LowRankTokens.at`).
 """

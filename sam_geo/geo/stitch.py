@@ -1,7 +1,7 @@
 """Seamless stitching of per-tile masks into whole-scene objects, with vectors only.
 
 Automatic segmentation (:mod:`sam_geo.auto`) runs SAM on every tile of a
-:class:`~sam_geo.tiles.TileGrid`. Tiles overlap, so an object near a tile edge is seen
+:class:`~sam_geo.geo.tiles.TileGrid`. Tiles overlap, so an object near a tile edge is seen
 by several tiles: whole by some, cut by the read window of others; an object larger
 than a tile is seen only in pieces. This module turns the tiles' polygons
 (:class:`Piece`) into one polygon per object.
@@ -64,8 +64,8 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from .errors import ConfigError
-from .tiles import PixelBox, Tile
+from sam_geo.errors import ConfigError
+from sam_geo.geo.tiles import PixelBox, Tile
 
 __all__ = [
     "BOTTOM",

@@ -3,7 +3,7 @@
 :class:`TextDetector` wraps a Hugging Face ``transformers`` zero-shot object detector
 behind one call, :meth:`TextDetector.detect`: an (rows, cols, 3) uint8 array and a list
 of phrases in; boxes (``x0, y0, x1, y1`` in the array's pixels, the same convention as
-:class:`sam_geo.prompts.PromptBatch` in tile pixels), scores and the index of the phrase
+:class:`sam_geo.io.prompts.PromptBatch` in tile pixels), scores and the index of the phrase
 each box belongs to out. Those boxes become SAM box prompts.
 
 Two model families are supported (any checkpoint of them, by hub name or local folder):
@@ -30,8 +30,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from .errors import ConfigError, WeightsNotFoundError
-from .models import downloads_allowed
+from sam_geo.errors import ConfigError, WeightsNotFoundError
+from sam_geo.model.registry import downloads_allowed
 
 __all__ = [
     "DEFAULT_TEXT_MODEL",

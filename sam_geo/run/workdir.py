@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, WriteError
+from sam_geo.errors import ConfigError, WriteError
 
 MANIFEST = "manifest.json"
 FORMAT = 1

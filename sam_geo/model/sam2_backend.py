@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .engine import choose_masks, mask_prompt_logits
-from .errors import ConfigError, WeightsError, WeightsNotFoundError
-from .models import (
+from sam_geo.engine import choose_masks, mask_prompt_logits
+from sam_geo.errors import ConfigError, WeightsError, WeightsNotFoundError
+from sam_geo.model.registry import (
     ModelSpec,
     _guess_model,
     _parse_device,
@@ -52,7 +52,7 @@ from .models import (
     get_spec,
     known_models,
 )
-from .prompts import PromptBatch
+from sam_geo.io.prompts import PromptBatch
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base

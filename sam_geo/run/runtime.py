@@ -42,7 +42,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .engine import EngineConfig, TileResult, TileSegmenter
+from sam_geo.engine import EngineConfig, TileResult, TileSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def tasks_per_actor(config: EngineConfig, on_gpu: bool) -> int:
     """Tasks in flight per actor. On a GPU: enough to fill an encoder batch while one
     more task reads or vectorizes (``encode_batch + 1``), at least
     :data:`TASKS_PER_ACTOR`. On CPU: 1 (see the module docstring for why)."""
-    from .engine import GPU_ENCODE_BATCH
+    from sam_geo.engine import GPU_ENCODE_BATCH
 
     if not on_gpu:
         return 1

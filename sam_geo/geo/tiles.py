@@ -30,7 +30,7 @@ from functools import cached_property
 from affine import Affine
 from rasterio.windows import Window
 
-from .errors import ConfigError
+from sam_geo.errors import ConfigError
 
 DEFAULT_TILE_SIZE = 1024
 """Default read-window size in pixels: the native input size of SAM's image encoder."""

@@ -13,7 +13,7 @@ What this module adds around the library:
 
 * **metres everywhere**: tolerances are given in metres. Projected CRSs are worked in
   directly, the tolerances converted to CRS units with
-  :func:`sam_geo.vectorize.metres_to_crs_units` (so US-feet CRSs work). Geographic CRSs
+  :func:`sam_geo.geo.vectorize.metres_to_crs_units` (so US-feet CRSs work). Geographic CRSs
   are regularized in the local UTM zone and projected back, because a right angle on
   the ground is not a right angle in longitude/latitude degrees (longitude degrees are
   ``cos(latitude)`` times shorter): snapping angles in degree space would skew
@@ -44,8 +44,8 @@ import pyproj
 import shapely
 from buildingregulariser import regularize_geodataframe
 
-from .errors import ConfigError, CRSError
-from .vectorize import metres_to_crs_units
+from sam_geo.errors import ConfigError, CRSError
+from sam_geo.geo.vectorize import metres_to_crs_units
 
 __all__ = ["regularize_buildings"]
 

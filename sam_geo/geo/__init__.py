@@ -1,0 +1,1 @@
+"""Grid and geometry work: tiles, vectorizing, stitching, regularizing."""

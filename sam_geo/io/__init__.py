@@ -1,0 +1,1 @@
+"""Reading scenes and prompt layers, writing outputs."""

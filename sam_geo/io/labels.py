@@ -1,0 +1,104 @@
+"""Instance-label GeoTIFFs: polygons with an ``object_id`` burnt onto a scene's grid.
+
+Written block by block, so memory does not grow with the scene.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.windows
+import shapely
+from affine import Affine
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from sam_geo.errors import OutputError, OutputExistsError, WriteError
+from sam_geo.io.scenes import SceneInfo
+
+LABELS_BLOCK = 512
+"""Block size (pixels) of the labels GeoTIFF; it is written one block at a time."""
+
+def check_labels_path(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Validate a labels GeoTIFF path before any work (suffix, directory, existing file)."""
+    target = Path(path).expanduser()
+    if target.suffix.lower() not in (".tif", ".tiff"):
+        raise OutputError(f"labels raster {str(target)!r} must be a GeoTIFF ending in .tif or .tiff")
+    if not target.parent.is_dir():
+        raise OutputError(f"directory {str(target.parent)!r} of the labels raster does not exist; create it first")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"labels raster {str(target)!r} exists; pass --overwrite to replace it")
+    return target
+
+
+def write_labels_raster(
+    gdf: gpd.GeoDataFrame, scene: SceneInfo, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``object_id`` of ``gdf`` as an instance-label GeoTIFF on the scene's grid.
+
+    uint32, 0 = no object, tiled 512 x 512, deflate. Written one block at a time: each
+    block rasterizes only the polygons an STRtree finds over it (pixel centres inside a
+    polygon take its id; where objects overlap the smaller one wins), so memory does not
+    grow with the scene. Written to a temporary file beside ``path``, then renamed.
+    """
+    target = check_labels_path(path, overwrite=overwrite)
+    geoms = gdf.geometry.to_numpy()
+    ids = gdf["object_id"].to_numpy(dtype=np.uint32)
+    order = np.argsort(-shapely.area(geoms), kind="stable") if len(geoms) else np.zeros(0, dtype=np.int64)
+    tree = shapely.STRtree(geoms)
+    profile = {
+        "driver": "GTiff",
+        "width": scene.width,
+        "height": scene.height,
+        "count": 1,
+        "dtype": "uint32",
+        "crs": scene.crs,
+        "transform": scene.transform,
+        "nodata": 0,
+        "tiled": True,
+        "blockxsize": LABELS_BLOCK,
+        "blockysize": LABELS_BLOCK,
+        "compress": "deflate",
+    }
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.tif")
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for window in _blocks(scene.height, scene.width, LABELS_BLOCK):
+                transform = rasterio.windows.transform(window, scene.transform)
+                hits = tree.query(_window_polygon(window, scene.transform), predicate="intersects")
+                hits = hits[np.argsort(rank[hits])]  # large first, small painted over them
+                block = np.zeros((int(window.height), int(window.width)), dtype=np.uint32)
+                if len(hits):
+                    block = rasterio.features.rasterize(
+                        zip(geoms[hits], ids[hits].tolist()),
+                        out_shape=block.shape,
+                        transform=transform,
+                        fill=0,
+                        dtype="uint32",
+                    )
+                dst.write(block, 1, window=window)
+        os.replace(tmp, target)
+    except (OSError, RasterioError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write labels raster {target}: {exc}; check free space and permissions") from exc
+    return target
+
+
+def _blocks(height: int, width: int, size: int) -> Iterator[Window]:
+    for row in range(0, height, size):
+        for col in range(0, width, size):
+            yield Window(col, row, min(size, width - col), min(size, height - row))
+
+
+def _window_polygon(window: Window, transform: Affine) -> shapely.Geometry:
+    c0, r0 = window.col_off, window.row_off
+    c1, r1 = c0 + window.width, r0 + window.height
+    return shapely.Polygon([transform * (c, r) for c, r in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])

@@ -1,0 +1,1 @@
+"""Models: registry and weights, backends, CPU mask decoders, the text detector."""
