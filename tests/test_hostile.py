@@ -42,7 +42,9 @@ from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from conftest import WEIGHTS, make_raster
-from sam_geo import engine, raster, writers
+from sam_geo import engine
+from sam_geo.io import scenes as raster
+from sam_geo.io import writers
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 
 SIZE = 300

@@ -21,7 +21,7 @@ import pytest
 import torch
 from segment_anything.modeling import Sam
 
-from sam_geo import models
+from sam_geo.model import registry as models
 from sam_geo.errors import (
     ChecksumMismatchError,
     ConfigError,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,17 @@ class RunSummary:
     regularize: dict[str, Any] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     """Tiles that failed after all retries: ``{"tile", "error", "attempts"}``."""
+    objects: dict[str, Any] = field(default_factory=dict)
+    """Automatic mode: stitching counts (pieces, joins, mosaics ...); ``labels_raster``."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        """The summary a :meth:`to_dict` (``gdf.attrs["summary"]``) came from."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["tiles"] = TileCounts(**data.get("tiles", {}))
+        values["prompts"] = PromptCounts(**data.get("prompts", {}))
+        return cls(**values)
 
     def add_seconds(self, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():
