@@ -17,24 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
-from sam_geo.api import SegmentSettings, _plan_scenes
-from sam_geo.engine import (
-    EngineConfig,
-    TileSegmenter,
-    TileTask,
-    _decode_batches,
-    _prompts_on_data,
-    _to_tile_pixels,
-)
-from sam_geo.io.prompts import read_prompt_layer
 from sam_geo.io.scenes import open_scene, read_window
+from sam_geo.modes.prompted import PromptedMode, PromptedTask, PromptLayer, prompts_on_data, to_tile_pixels
+from sam_geo.run.host import HostConfig, ModelHost, decode_batches
+from sam_geo.settings import Settings
 
 
 # --- scenes and tiles ------------------------------------------------------------------
@@ -73,19 +65,18 @@ def crop_scene(scene: str | os.PathLike[str], window: Window, folder: Path) -> P
 def plan_tasks(
     scene: str | os.PathLike[str],
     prompts: Any,
-    settings: SegmentSettings,
-    prompt_as: str = "auto",
-) -> list[TileTask]:
-    """The tile tasks :func:`sam_geo.segment` plans for one scene and these settings.
+    settings: Settings,
+    prompt_as: str | None = None,
+) -> list[PromptedTask]:
+    """The tile tasks :func:`sam_geo.segment` plans for one scene and these settings
+    (``prompt_as``, when given, replaces ``settings.prompt_as``).
 
-    Uses the same planning function as ``segment`` (``sam_geo.api._plan_scenes``), so
-    tile windows, zoom and prompt grouping are identical; keys match ``TileResult.tile_key``.
+    Uses the same planning as ``segment`` (:meth:`sam_geo.modes.prompted.PromptedMode.plan`),
+    so tile windows, zoom and prompt grouping are identical; keys match ``TileResult.tile_key``.
     """
+    settings = settings.updated(prompt_as=prompt_as)
     info = open_scene(scene, bands=settings.bands, assume_crs=settings.assume_crs)
-    frame = read_prompt_layer(prompts)
-    frame.index = pd.RangeIndex(len(frame), name="prompt_index")
-    jobs, _, _ = _plan_scenes([info], frame, settings, prompt_as)  # type: ignore[arg-type]
-    return [TileTask(job.scene, job.stretch, tile, batch) for job in jobs for tile, batch in job.plan.tiles]
+    return PromptedMode(PromptLayer(prompts)).plan([info], settings)  # type: ignore[return-value]
 
 
 def sync(device: torch.device) -> None:
@@ -107,22 +98,22 @@ class ModelTimes:
 
 
 def time_model_on_tasks(
-    segmenter: TileSegmenter,
+    segmenter: ModelHost,
     tasks: list[Any],
     *,
     mode: str = "prompted",
     auto_points: tuple[int, int | None] = (32, None),
 ) -> ModelTimes:
     """Read each task's window, then time the model alone on it: ``backend.encode``,
-    then (``mode="prompted"``) ``backend.decode`` on the tile's prompts in the engine's
+    then (``mode="prompted"``) ``backend.decode`` on the tile's prompts in the model host's
     batches, or (``mode="auto"``) the decoding of automatic mode's point grid
-    (``sam_geo.auto.grid_points`` / ``_decode_points`` in its point batches, without
-    its mask filtering; ``auto_points = (points_per_side, points_per_batch)``), or
+    (``sam_geo.modes.automatic.grid_points`` / ``_decode_points`` in its point batches,
+    without its mask filtering; ``auto_points = (points_per_side, batch_size)``), or
     (``mode="encode"``) nothing more.
 
-    A tile is encoded only where the engine encodes it: it has valid pixels and (prompted)
-    a prompt not on nodata, or (auto) a grid point on valid pixels. Prompts are prepared
-    as in ``TileSegmenter.run_prompted``. Reads, prompt preparation, mask filtering and
+    A tile is encoded only where the model host encodes it: it has valid pixels and
+    (prompted) a prompt not on nodata, or (auto) a grid point on valid pixels. Prompts are
+    prepared as in ``PromptedTask.execute``. Reads, prompt preparation, mask filtering and
     vectorization are not model time (reads are reported separately). One untimed encode
     warms the model up first.
     """
@@ -130,7 +121,7 @@ def time_model_on_tasks(
     datasets: dict[str, rasterio.DatasetReader] = {}
     points_per_side, point_batch = 0, 0
     if mode == "auto":
-        from sam_geo.auto import CPU_POINTS_PER_BATCH, GPU_POINTS_PER_BATCH
+        from sam_geo.modes.automatic import CPU_POINTS_PER_BATCH, GPU_POINTS_PER_BATCH
 
         points_per_side, points_per_batch = auto_points
         on_gpu = segmenter.device.type == "cuda"
@@ -145,7 +136,7 @@ def time_model_on_tasks(
 
 
 def _time_tasks(
-    segmenter: TileSegmenter,
+    segmenter: ModelHost,
     tasks: list[Any],
     mode: str,
     times: ModelTimes,
@@ -154,7 +145,7 @@ def _time_tasks(
     point_batch: int,
 ) -> None:
     """The loop of :func:`time_model_on_tasks`, adding into ``times``."""
-    from sam_geo.auto import _decode_points, grid_points
+    from sam_geo.modes.automatic import _decode_points, grid_points
 
     backend, device = segmenter.backend, segmenter.device
     for task in tasks:
@@ -167,8 +158,8 @@ def _time_tasks(
         if not window.valid.any():
             continue
         if mode == "prompted":
-            prompts = _to_tile_pixels(task.prompts, tile)
-            prompts = prompts.take(np.flatnonzero(_prompts_on_data(prompts, window.valid)))
+            prompts = to_tile_pixels(task.prompts, tile)
+            prompts = prompts.take(np.flatnonzero(prompts_on_data(prompts, window.valid)))
             if len(prompts) == 0:
                 continue
         elif mode == "auto":
@@ -188,7 +179,7 @@ def _time_tasks(
         times.per_tile_encode.append(seconds)
         times.tiles += 1
         if mode == "prompted":
-            for part in _decode_batches(prompts, segmenter.batch_size):
+            for part in decode_batches(prompts, segmenter.batch_size):
                 start = time.perf_counter()
                 backend.decode(embedding, input_hw, window.rgb.shape[:2], part)
                 sync(device)
@@ -219,13 +210,13 @@ def mean_times(runs: list[ModelTimes]) -> ModelTimes:
 
 def driver_segmenter(
     model: str, weights: str, device: str, workers: int, batch_size: int | None, decoder_context_px: int | None = None
-) -> TileSegmenter:
-    """A TileSegmenter built as the runtime builds an actor's (same torch thread count on CPU)."""
+) -> ModelHost:
+    """A ModelHost built as the runtime builds an actor's (same torch thread count on CPU)."""
     threads = None
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    return TileSegmenter(EngineConfig(model, weights, device=device, batch_size=batch_size, threads=threads,
-                                      decoder_context_px=decoder_context_px))
+    return ModelHost(HostConfig(model, weights, device=device, batch_size=batch_size, threads=threads,
+                                decoder_context_px=decoder_context_px))
 
 
 def shutdown_ray() -> None:

@@ -36,14 +36,14 @@ import shapely
 from rasterio.windows import Window
 
 from _common import BANEPA, WEIGHTS
-from sam_geo.auto import AutoParams, segment_auto, suppress_nested
-from sam_geo.config import load_config, section_values
+from sam_geo import segment_auto
 from sam_geo.evaluate import evaluate
-from sam_geo.io.scenes import open_scene
-from sam_geo.run.runtime import RuntimeOptions
 from sam_geo.geo.stitch import BOTTOM, LEFT, RIGHT, TOP, interior_sides
 from sam_geo.geo.tiles import Tile, TileGrid
 from sam_geo.geo.vectorize import geometry_area_m2
+from sam_geo.io.scenes import open_scene
+from sam_geo.modes.automatic import suppress_nested
+from sam_geo.settings import Settings, load_preset
 
 CROP = Window(541, 1038, 2048, 2048)
 CROP_PATH = Path("/tmp/banepa_center_2048.tif")
@@ -52,18 +52,11 @@ SEAM_TOLERANCE_PX = 0.5
 SEAM_MIN_LENGTH_M = 1.0
 SEAM_SIMPLIFY_PX = 1.0
 
-PRESET_KEYS = {  # preset / CLI names -> AutoParams fields
-    "points_per_side": "points_per_side",
-    "pred_iou_thresh": "pred_iou_thresh",
-    "stability_thresh": "stability_score_thresh",
-    "min_area": "min_area_m2",
-    "max_area": "max_area_m2",
-    "box_nms_thresh": "box_nms_thresh",
-    "match_iou": "match_iou",
-    "max_tile_fraction": "max_tile_fraction",
-    "nested_thresh": "nested_thresh",
-    "skip_covered": "skip_covered",
-}
+PRESET_KEYS = (  # preset keys (Settings field names) that are AutoParams fields
+    "points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "min_area_m2",
+    "max_area_m2", "box_nms_thresh", "match_iou", "max_tile_fraction", "nested_thresh", "skip_covered",
+    "cover_max_fraction",
+)
 
 
 def write_crop(dest: Path = CROP_PATH) -> Path:
@@ -109,7 +102,7 @@ def tiles_by_key(grid: TileGrid) -> dict[str, Tile]:
     return {tile.key: tile for tile in grid}
 
 
-def per_tile_frame(results: list[Any], grid: TileGrid, crs: Any, params: AutoParams) -> gpd.GeoDataFrame:
+def per_tile_frame(results: list[Any], grid: TileGrid, crs: Any, params: Settings) -> gpd.GeoDataFrame:
     """No stitching: every tile keeps its masks clipped to its core, with the same
     per-tile filters (nested suppression) and area range as the stitched run."""
     tiles = tiles_by_key(grid)
@@ -195,8 +188,8 @@ def seam_cuts_not_in_truth(gdf: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, grid:
 def params_from(args: argparse.Namespace) -> AutoParams:
     values: dict[str, Any] = {"min_area_m2": AREA_RANGE_M2[0], "max_area_m2": AREA_RANGE_M2[1]}
     if args.config:
-        preset = section_values(load_config(args.config), "auto")
-        values |= {PRESET_KEYS[k]: v for k, v in preset.items() if k in PRESET_KEYS}
+        preset = load_preset(args.config, "auto")
+        values |= {k: v for k, v in preset.items() if k in PRESET_KEYS}
     for key in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -223,12 +216,13 @@ def main() -> None:
     start = time.perf_counter()
     gdf = segment_auto(
         scene,
-        params=params,
+        settings=params,
         weights=str(WEIGHTS),
-        tile_size=args.tile_size,
-        overlap=args.overlap,
+        tile_size_px=args.tile_size,
+        overlap_px=args.overlap,
         work_dir=args.work_dir,
-        runtime=RuntimeOptions(workers=args.workers, progress=False),
+        workers=args.workers,
+        progress=False,
     )
     wall = time.perf_counter() - start
     summary = gdf.attrs["summary"]
@@ -240,7 +234,7 @@ def main() -> None:
     model_seconds = sum(seconds.get(k, 0.0) for k in ("read", "encode", "decode", "vectorize"))
     print(f"scene {scene} ({info.width} x {info.height} px), {len(grid)} tiles of {args.tile_size} px, "
           f"overlap {args.overlap}, {len(truth)} buildings touching it")
-    print(f"params {json.dumps(params.__dict__)}")
+    print(f"settings {json.dumps(params.model_dump(mode='json'))}")
     for name, frame in (("stitched", gdf), ("per tile, no stitching", per_tile)):
         s = score(frame, truth)
         print(f"{name:<24} P {s['precision']:.3f}  R {s['recall']:.3f}  F1 {s['f1']:.3f}  "

@@ -22,10 +22,9 @@ from pathlib import Path
 import geopandas as gpd
 
 from _common import FIELDS, WEIGHTS
-from sam_geo.auto import segment_auto
+from sam_geo import segment_auto
 from sam_geo.evaluate import evaluate
 from sam_geo.io.scenes import open_scene
-from sam_geo.run.runtime import RuntimeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipelines"))
@@ -64,7 +63,7 @@ def main() -> None:
     start = time.perf_counter()
     fields = segment_auto(SCENE, weights=str(WEIGHTS), work_dir=args.work_dir,
                           output=args.output, overwrite=True,
-                          runtime=RuntimeOptions(workers=args.workers, progress=False), **settings)
+                          **{**settings, "workers": args.workers, "progress": False})
     wall = time.perf_counter() - start
     aoi = labelled_boxes_in_scene(SCENE)
     result = evaluate(fields, FIELDS / "fields_polygons.gpkg", iou=0.5, aoi=aoi)

@@ -2,11 +2,11 @@
 
 Box prompts through ``SamBackend.decode`` (one mask each, as prompted mode), or with
 ``--points`` single-point prompts with SAM's three masks (as automatic mode), under the
-autocast precision given (``auto``: what the engine picks on this device).
+autocast precision given (``auto``: what a run picks on this device).
 
     python benchmarks/decoder_batch.py [--device cpu|cuda] [--model mobile_sam] [--precision fp32|bf16] [--points] [--official | --no-low-rank]
 
-Box prompts go through the logits windows the engine uses, so with fp32 weights on CPU
+Box prompts go through the logits windows a run uses, so with fp32 weights on CPU
 they take the low-rank path of ``sam_geo.model.lowrank``; ``--no-low-rank`` times the
 factorized path instead.
 """
@@ -19,9 +19,9 @@ import time
 import numpy as np
 
 from _common import WEIGHTS
-from sam_geo.auto import _decode_points
-from sam_geo.engine import EngineConfig, TileSegmenter
 from sam_geo.io.prompts import PromptBatch
+from sam_geo.modes.automatic import _decode_points
+from sam_geo.run.host import HostConfig, ModelHost
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--no-low-rank", action="store_true",
                         help="box prompts through the factorized CPU decoder, not its low-rank path")
     args = parser.parse_args()
-    segmenter = TileSegmenter(EngineConfig(args.model, str(WEIGHTS), device=args.device, precision=args.precision))
+    segmenter = ModelHost(HostConfig(args.model, str(WEIGHTS), device=args.device, precision=args.precision))
     if args.official:
         segmenter.backend._cpu_decoder = None
     elif args.no_low_rank and segmenter.backend._cpu_decoder is not None:

@@ -128,12 +128,11 @@ def child(tif: str, gpkg: str, workers: int, interval: float) -> None:
     from _bench import MemoryMonitor
     from _common import WEIGHTS
     from sam_geo import segment
-    from sam_geo.run.runtime import RuntimeOptions
 
     baseline = psutil.Process().memory_info().rss / 2**20
     start = time.perf_counter()
     with MemoryMonitor(interval) as monitor:
-        gdf = segment(tif, gpkg, weights=str(WEIGHTS), runtime=RuntimeOptions(workers=workers, progress=False))
+        gdf = segment(tif, gpkg, weights=str(WEIGHTS), workers=workers, progress=False)
     wall = time.perf_counter() - start
     summary = gdf.attrs["summary"]
     out = monitor.report() | {
@@ -145,7 +144,7 @@ def child(tif: str, gpkg: str, workers: int, interval: float) -> None:
         "prompts_used": summary["prompts"]["used"],
         "features": summary["features"],
         "zoom": summary["settings"]["zoom"],
-        "tile_size": summary["settings"]["tile_size"],
+        "tile_size": summary["settings"]["tile_size_px"],
     }
     print("memory.child " + json.dumps(out), flush=True)
 

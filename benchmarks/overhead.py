@@ -4,7 +4,7 @@ Runs ``sam_geo.segment`` on a scene (prompted mode) on Ray model actors, then, i
 same process after Ray is shut down, builds the same model in the driver, reads the
 same tiles (the tiles the run encoded, planned by the same function) with
 ``raster.read_window`` and times ``SamBackend.encode`` on each, and ``decode`` on each
-tile's prompts in the engine's batches. Prints
+tile's prompts in the model host's batches. Prints
 
 * end-to-end seconds = ``summary.seconds.total - summary.seconds.startup`` (Ray start,
   actor creation and model load are reported separately as ``startup``);
@@ -19,8 +19,7 @@ torch thread count the actors get (CPU count / workers on CPU); ``--bracket`` ti
 model alone before and after the run and uses the mean (for a machine shared with other
 jobs, where load changes during a run; print-outs include the load average).
 
-Automatic mode (``sam_geo.auto.segment_auto``, if present; otherwise "auto mode: not
-available yet" is printed) is measured the same way on the same scene: every grid tile
+Automatic mode (``sam_geo.segment_auto``) is measured the same way on the same scene: every grid tile
 the run encoded, encoder alone and encoder + point-grid decoding alone.
 ``--points-per-side`` keeps it short on CPU (SAM decodes ``points_per_side**2`` points
 with three masks each per tile: the default 32 is about a minute per tile on 2 cores).
@@ -39,7 +38,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from _bench import (
     ModelTimes,
@@ -53,9 +51,9 @@ from _bench import (
 )
 from _common import BANEPA, WEIGHTS
 from sam_geo import segment
-from sam_geo.api import SegmentSettings
-from sam_geo.engine import TileResult, resolve_device
-from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.model.sam_backend import resolve_device
+from sam_geo.run.tasks import TileResult
+from sam_geo.settings import Settings, make_settings
 
 
 def main() -> None:
@@ -70,7 +68,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tile-size", type=int, default=None)
     parser.add_argument("--overlap", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts (automatic mode: grid points) per decoder call (default: sam_geo's)")
     parser.add_argument("--decoder-context", type=int, default=None,
                         help="CPU decoder context for box prompts, model pixels (default: the whole tile, exact)")
     parser.add_argument("--no-auto", action="store_true", help="skip automatic mode even if available")
@@ -83,10 +82,10 @@ def main() -> None:
                              "points_per_side**2 points per tile, slow on CPU)")
     args = parser.parse_args()
 
-    overrides = {k: v for k, v in {"tile_size": args.tile_size, "overlap": args.overlap}.items() if v is not None}
-    settings = SegmentSettings(
+    settings = make_settings(
         model=args.model, weights=args.weights, device=args.device, batch_size=args.batch_size,
-        decoder_context_px=args.decoder_context, **overrides
+        decoder_context_px=args.decoder_context, tile_size_px=args.tile_size, overlap_px=args.overlap,
+        workers=args.workers, progress=False,
     )
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,14 +98,14 @@ def main() -> None:
             automatic(scene, args, settings, device)
 
 
-def prompted(scene: Path, args: argparse.Namespace, settings: SegmentSettings, device: str) -> None:
-    tasks = plan_tasks(scene, args.prompts, settings, args.prompt_as)
+def prompted(scene: Path, args: argparse.Namespace, settings: Settings, device: str) -> None:
+    settings = settings.updated(prompt_as=args.prompt_as)
+    tasks = plan_tasks(scene, args.prompts, settings)
     alone_runs = [model_alone(args, tasks, "prompted")] if args.bracket else []
     results: list[TileResult] = []
-    runtime = RuntimeOptions(workers=args.workers, progress=False, on_result=results.append)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    gdf = segment(scene, args.prompts, prompt_as=args.prompt_as, settings=settings, runtime=runtime)
+    gdf = segment(scene, args.prompts, settings=settings, on_result=results.append)
     wall = time.perf_counter() - start
     shutdown_ray()
     encoded = {r.tile_key for r in results if r.encoded}
@@ -118,34 +117,23 @@ def prompted(scene: Path, args: argparse.Namespace, settings: SegmentSettings, d
     report("prompted", summary, wall, load, alone_runs, "prompts")
 
 
-def automatic(scene: Path, args: argparse.Namespace, settings: SegmentSettings, device: str) -> None:
-    try:
-        from sam_geo.auto import AutoParams, segment_auto
-    except ImportError:
-        print("\nauto mode: not available yet")
-        return
-    from sam_geo.engine import TileTask
-    from sam_geo.io.prompts import PromptBatch
-    from sam_geo.io.scenes import compute_stretch, open_scene
-    from sam_geo.geo.tiles import TileGrid
+def automatic(scene: Path, args: argparse.Namespace, settings: Settings, device: str) -> None:
+    from sam_geo import segment_auto
+    from sam_geo.io.scenes import open_scene
+    from sam_geo.modes.automatic import AutoMode
 
     # every grid point is decoded (skip_covered off), as the model-alone timing decodes them all;
     # skipping covered points only removes decoder work, which this ratio does not measure
-    params = AutoParams(skip_covered=False, **({} if args.points_per_side is None else
-                                               {"points_per_side": args.points_per_side}))
+    settings = settings.updated(skip_covered=False, points_per_side=args.points_per_side)
     # automatic mode encodes every tile of the grid (zoom 1 unless set) that has valid pixels
     info = open_scene(scene, bands=settings.bands, assume_crs=settings.assume_crs)
-    grid = TileGrid(info.height, info.width, info.transform, settings.tile_size, settings.overlap, settings.zoom or 1)
-    stretch = compute_stretch(info, method=settings.stretch)
-    empty = PromptBatch(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 0, 2)), np.zeros((0, 0), np.int32))
-    tasks = [TileTask(info, stretch, tile, empty) for tile in grid]
-    points = (params.points_per_side, params.points_per_batch)
+    tasks = AutoMode().plan([info], settings)
+    points = (settings.points_per_side, settings.batch_size)
     alone_runs = [model_alone(args, tasks, "auto", points)] if args.bracket else []
     results: list[object] = []
-    runtime = RuntimeOptions(workers=args.workers, progress=False, on_result=results.append)
     load = os.getloadavg()[0]
     start = time.perf_counter()
-    gdf = segment_auto(scene, params=params, settings=settings, runtime=runtime)
+    gdf = segment_auto(scene, settings=settings, on_result=results.append)
     wall = time.perf_counter() - start
     shutdown_ray()
     encoded = {r.tile_key for r in results if getattr(r, "encoded", False)}
@@ -153,7 +141,7 @@ def automatic(scene: Path, args: argparse.Namespace, settings: SegmentSettings, 
     summary = gdf.attrs["summary"]
     print("\n== automatic mode ==")
     print(f"tiles encoded {summary['tiles']['processed']} (planned {summary['tiles']['planned']}); points per "
-          f"side {params.points_per_side}; points decoded {summary['prompts']['used']}; objects {len(gdf)}")
+          f"side {settings.points_per_side}; points decoded {summary['prompts']['used']}; objects {len(gdf)}")
     report("auto", summary, wall, load, alone_runs, "points")
 
 

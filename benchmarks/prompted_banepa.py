@@ -23,7 +23,6 @@ from _common import BANEPA, WEIGHTS, per_object_iou
 from sam_geo import segment
 from sam_geo.evaluate import evaluate
 from sam_geo.geo.regularize import regularize_buildings
-from sam_geo.run.runtime import RuntimeOptions
 
 
 def main() -> None:
@@ -47,7 +46,8 @@ def main() -> None:
         weights=str(WEIGHTS),
         precision=args.precision,
         decoder_context_px=args.decoder_context,
-        runtime=RuntimeOptions(workers=args.workers, progress=False),
+        workers=args.workers,
+        progress=False,
         output=args.output,
         overwrite=args.output is not None,
     )

@@ -24,7 +24,6 @@ from rasterio.windows import Window
 
 from _common import BANEPA, WEIGHTS, per_object_iou
 from sam_geo import segment
-from sam_geo.run.runtime import RuntimeOptions
 
 
 def crop_scene(window: Window, folder: Path) -> Path:
@@ -71,16 +70,16 @@ def main() -> None:
         base = per_object_iou(outdated, truth, "osm_id")
         print(f"{len(truth)} buildings in window {args.window}")
         print(f"outdated outlines themselves: median IoU {np.median(base):.3f}  mean {base.mean():.3f}")
-        options = RuntimeOptions(workers=0, progress=False)
+        options = {"workers": 0, "progress": False}
         results = {}
         for mode, grow in (("box", None), ("box+point", None), ("box+point", 0.25), ("mask", None)):
-            gdf = segment(scene, outdated, prompt_as=mode, box_grow=grow, weights=str(WEIGHTS), runtime=options)
+            gdf = segment(scene, outdated, prompt_as=mode, box_grow=grow, weights=str(WEIGHTS), **options)
             ious = per_object_iou(gdf, truth, "osm_id")
             results[mode if grow is None else f"{mode} grow {grow}"] = ious
             print(f"SAM {mode:9s} box_grow={grow}: median IoU {np.median(ious):.3f}  mean {ious.mean():.3f}  "
                   f"({np.median(ious) - np.median(base):+.3f} vs outdated)")
         negatives = negative_points(truth)
-        gdf = segment(scene, outdated, prompt_as="box", negative_points=negatives, weights=str(WEIGHTS), runtime=options)
+        gdf = segment(scene, outdated, prompt_as="box", negative_points=negatives, weights=str(WEIGHTS), **options)
         with_neg = per_object_iou(gdf, truth, "osm_id")
         has = truth.osm_id.isin(negatives.near).to_numpy()
         delta = with_neg[has] - results["box"][has]

@@ -31,10 +31,9 @@ import torch
 from _bench import crop_scene, driver_segmenter, parse_window, preprocess_for_encoder, shutdown_ray, sync
 from _common import BANEPA, WEIGHTS
 from sam_geo import segment
-from sam_geo.engine import resolve_device
-from sam_geo.io.scenes import compute_stretch, open_scene, read_window
-from sam_geo.run.runtime import RuntimeOptions
 from sam_geo.geo.tiles import TileGrid
+from sam_geo.io.scenes import compute_stretch, open_scene, read_window
+from sam_geo.model.sam_backend import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,12 +68,11 @@ def main() -> None:
 
 def workers(scene: Path, args: argparse.Namespace) -> None:
     counts = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, min(os.cpu_count() or 1, 4) + 1))
-    overrides = {"overlap": args.overlap} if args.overlap is not None else {}
     rows = []
     for count in counts:
         load = os.getloadavg()[0]
         gdf = segment(scene, args.prompts, model=args.model, weights=args.weights, device=args.device,
-                      tile_size=args.tile_size, runtime=RuntimeOptions(workers=count, progress=False), **overrides)
+                      tile_size_px=args.tile_size, overlap_px=args.overlap, workers=count, progress=False)
         summary = gdf.attrs["summary"]
         seconds = summary["seconds"]
         run = seconds["total"] - seconds["startup"]
@@ -120,7 +118,7 @@ def encoder_only(scene: Path, args: argparse.Namespace) -> None:
     encoder = backend.model.image_encoder
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
-    # the engine's own path, one tile per call, for reference
+    # the model host's own path, one tile per call, for reference
     with torch.inference_mode():
         segmenter.encode(window.rgb)
         sync(device)
@@ -130,7 +128,7 @@ def encoder_only(scene: Path, args: argparse.Namespace) -> None:
         sync(device)
     reference = args.iters / (time.perf_counter() - start)
     precision = str(segmenter.autocast_dtype).removeprefix("torch.")
-    print(f"TileSegmenter.encode (engine path, its default precision {precision}, batch 1): {reference:.3f} tiles/s")
+    print(f"ModelHost.encode (the run's path, its default precision {precision}, batch 1): {reference:.3f} tiles/s")
 
     rows = []
     for size in sizes:

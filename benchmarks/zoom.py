@@ -13,7 +13,6 @@ import numpy as np
 
 from _common import FIELDS, WEIGHTS, per_object_iou
 from sam_geo import segment
-from sam_geo.run.runtime import RuntimeOptions
 
 
 def main() -> None:
@@ -22,7 +21,7 @@ def main() -> None:
     fields["fid_"] = np.arange(len(fields))
     for zoom in (1, 2, 4):
         gdf = segment(FIELDS / "befl_s2_nir_r_g.tif", fields, id_column="fid_", zoom=zoom, weights=str(WEIGHTS),
-                      runtime=RuntimeOptions(workers=0, progress=False))
+                      workers=0, progress=False)
         ious = per_object_iou(gdf, fields, "fid_")
         seconds = gdf.attrs["summary"]["seconds"]["total"]
         print(f"zoom {zoom}: median IoU {np.median(ious):.3f}  share>=0.5 {(ious >= 0.5).mean():.3f}  {seconds:.1f} s")

@@ -14,6 +14,8 @@ import argparse
 
 import sam_geo
 from sam_geo.evaluate import evaluate
+from sam_geo.run.summary import RunSummary
+from sam_geo.settings import make_settings
 
 
 def main() -> None:
@@ -29,17 +31,16 @@ def main() -> None:
     args = parser.parse_args()
 
     buildings = sam_geo.segment(
-        args.scene,
+        [args.scene],
         args.footprints,
         output=args.output,
         overwrite=args.overwrite,
         id_column=args.key,
-        regularize_m=args.regularize,
-        min_area_m2=1.0,
+        settings=make_settings(regularize_m=args.regularize, min_area_m2=1.0),
     )
-    summary = buildings.attrs["summary"]
+    prompts = RunSummary.from_dict(buildings.attrs["summary"]).prompts
     print(f"{len(buildings)} buildings -> {args.output}; prompts not used: "
-          f"{summary['prompts']['outside']} outside, {summary['prompts']['on_nodata']} on nodata")
+          f"{prompts.outside} outside, {prompts.on_nodata} on nodata")
     if args.reference:
         print(evaluate(buildings, args.reference, key=args.key).to_dict())
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 import sam_geo
-from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.run.summary import RunSummary
+from sam_geo.settings import make_settings
 
 
 def main() -> None:
@@ -30,10 +31,9 @@ def main() -> None:
         args.prompts,
         output=args.output,
         work_dir=args.work_dir,
-        max_failed_tiles=args.max_failed_tiles,
-        runtime=RuntimeOptions(workers=args.workers, address=args.address),
+        settings=make_settings(workers=args.workers, address=args.address, max_failed_tiles=args.max_failed_tiles),
     )
-    tiles = gdf.attrs["summary"]["tiles"]
+    tiles = RunSummary.from_dict(gdf.attrs["summary"]).tiles
     print(f"{len(gdf)} polygons from {len(set(gdf.get('scene', ['one scene'])))} scene(s); tiles: {tiles}")
 
 

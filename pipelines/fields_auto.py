@@ -12,26 +12,19 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from sam_geo.auto import segment_auto
-from sam_geo.config import load_config, section_values
+import sam_geo
 from sam_geo.evaluate import evaluate
+from sam_geo.run.summary import RunSummary
+from sam_geo.settings import load_preset, make_settings
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "fields.yaml"
-RENAMED = {"min_area": "min_area_m2", "simplify": "simplify_m", "stability_thresh": "stability_score_thresh",
-           "max_area": "max_area_m2", "regularize": "regularize_m"}
-DROPPED = {"workers", "address"}
 
 
-def preset_settings(path: Path = PRESET) -> dict[str, object]:
-    """The preset's ``auto`` keys as keyword arguments of :func:`segment_auto`."""
-    values = section_values(load_config(path), "auto")
-    values = {RENAMED.get(k, k): v for k, v in values.items() if k not in DROPPED}
-    if values.get("zoom") == "auto":
-        values.pop("zoom")
-    elif "zoom" in values:
-        values["zoom"] = int(values["zoom"])
-    return values
+def preset_settings(path: Path = PRESET) -> dict[str, Any]:
+    """The preset's ``common`` and ``auto`` keys: :class:`sam_geo.settings.Settings` field names."""
+    return load_preset(path, "auto")
 
 
 def main() -> None:
@@ -42,10 +35,12 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 
-    fields = segment_auto(args.scene, output=args.output, overwrite=args.overwrite, **preset_settings())
-    summary = fields.attrs["summary"]
-    print(f"{len(fields)} fields -> {args.output} ({summary['tiles']['processed']} tiles, "
-          f"{summary['seconds']['total']:.0f} s)")
+    fields = sam_geo.segment_auto(
+        [args.scene], output=args.output, overwrite=args.overwrite, settings=make_settings(**preset_settings())
+    )
+    summary = RunSummary.from_dict(fields.attrs["summary"])
+    print(f"{len(fields)} fields -> {args.output} ({summary.tiles.processed} tiles, "
+          f"{summary.seconds.get('total', 0.0):.0f} s)")
     if args.reference:
         print(evaluate(fields, args.reference).to_dict())
 

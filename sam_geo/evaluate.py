@@ -206,6 +206,63 @@ def evaluate(
         CRSError: a layer has no CRS or cannot be reprojected.
     """
     threshold = _check_iou(iou)
+    pred_frame, gt_frame = _read_inputs(pred, gt, key)
+    crs = _common_crs(gt_frame)
+    pred_layer = _Layer(*_prepare(pred_frame, crs, "prediction"))
+    gt_layer = _Layer(*_prepare(gt_frame, crs, "ground-truth"))
+    if aoi is not None:
+        area = _aoi_union(aoi, crs)
+        pred_layer.inside, gt_layer.inside = _inside(pred_layer.geoms, area), _inside(gt_layer.geoms, area)
+
+    p_idx, g_idx, ious = match_polygons(pred_layer.counted, gt_layer.counted, iou=threshold)
+    matches = pd.DataFrame(
+        {"pred_index": pred_layer.counted_rows[p_idx], "gt_index": gt_layer.counted_rows[g_idx], "iou": ious}
+    )
+    object_ious = None
+    if key is not None:
+        object_ious = _object_ious(
+            pred_frame[key].to_numpy()[pred_layer.rows],
+            pred_layer.geoms,
+            gt_frame[key].to_numpy()[gt_layer.counted_rows],
+            gt_layer.counted,
+        )
+    return _result(threshold, crs, pred_layer, gt_layer, matches, key, object_ious)
+
+
+@dataclass
+class _Layer:
+    """One layer's usable polygons (reprojected, cleaned) and which of them count.
+
+    ``geoms``: the usable polygons; ``rows``: their 0-based row positions in the input
+    layer; ``dropped``: input rows left out as unusable; ``inside``: boolean mask over
+    ``geoms`` of the polygons inside the AOI, ``None`` without an AOI (all count).
+    """
+
+    geoms: np.ndarray
+    rows: np.ndarray
+    dropped: int
+    inside: np.ndarray | None = None
+
+    @property
+    def counted(self) -> np.ndarray:
+        """The polygons that count (inside the AOI, or all)."""
+        return self.geoms if self.inside is None else self.geoms[self.inside]
+
+    @property
+    def counted_rows(self) -> np.ndarray:
+        """Input row positions of :attr:`counted`."""
+        return self.rows if self.inside is None else self.rows[self.inside]
+
+    @property
+    def outside(self) -> int:
+        """Usable polygons left out by the AOI rule (0 without an AOI)."""
+        return 0 if self.inside is None else int((~self.inside).sum())
+
+
+def _read_inputs(
+    pred: LayerSource, gt: LayerSource, key: str | None
+) -> tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]:
+    """Both layers read; PromptError for an empty GT, ConfigError for a missing ``key``."""
     pred_frame = read_layer(pred, role="prediction")
     gt_frame = read_layer(gt, role="ground-truth")
     if len(gt_frame) == 0:
@@ -215,33 +272,21 @@ def evaluate(
         )
     if key is not None:
         _check_key(key, pred_frame, gt_frame)
-    crs = _common_crs(gt_frame)
-    pred_geoms, pred_rows, pred_dropped = _prepare(pred_frame, crs, "prediction")
-    gt_geoms, gt_rows, gt_dropped = _prepare(gt_frame, crs, "ground-truth")
+    return pred_frame, gt_frame
 
-    pred_in = gt_in = None
-    if aoi is not None:
-        area = _aoi_union(aoi, crs)
-        pred_in, gt_in = _inside(pred_geoms, area), _inside(gt_geoms, area)
-    pred_keep = slice(None) if pred_in is None else pred_in
-    gt_keep = slice(None) if gt_in is None else gt_in
-    p_geoms, p_rows = pred_geoms[pred_keep], pred_rows[pred_keep]
-    g_geoms, g_rows = gt_geoms[gt_keep], gt_rows[gt_keep]
 
-    p_idx, g_idx, ious = match_polygons(p_geoms, g_geoms, iou=threshold)
-    tp, n_pred, n_gt = len(p_idx), len(p_geoms), len(g_geoms)
+def _result(
+    threshold: float,
+    crs: pyproj.CRS,
+    pred: _Layer,
+    gt: _Layer,
+    matches: pd.DataFrame,
+    key: str | None,
+    object_ious: pd.Series | None,
+) -> EvaluationResult:
+    """Scores and counts of a finished matching (ratios with a zero denominator: 0.0)."""
+    tp, n_pred, n_gt = len(matches), len(pred.counted), len(gt.counted)
     precision, recall = _ratio(tp, n_pred), _ratio(tp, n_gt)
-    matches = pd.DataFrame(
-        {"pred_index": p_rows[p_idx], "gt_index": g_rows[g_idx], "iou": ious}
-    )
-
-    per_object = object_ious = None
-    if key is not None:
-        object_ious = _object_ious(
-            pred_frame[key].to_numpy()[pred_rows], pred_geoms, gt_frame[key].to_numpy()[g_rows], g_geoms
-        )
-        per_object = _object_stats(key, object_ious)
-
     return EvaluationResult(
         precision=precision,
         recall=recall,
@@ -253,12 +298,12 @@ def evaluate(
         n_gt=n_gt,
         iou_threshold=threshold,
         crs=_crs_name(crs),
-        mean_matched_iou=float(ious.mean()) if tp else 0.0,
-        n_pred_dropped=pred_dropped,
-        n_gt_dropped=gt_dropped,
-        n_pred_outside_aoi=0 if pred_in is None else int((~pred_in).sum()),
-        n_gt_outside_aoi=0 if gt_in is None else int((~gt_in).sum()),
-        per_object=per_object,
+        mean_matched_iou=float(matches["iou"].to_numpy().mean()) if tp else 0.0,
+        n_pred_dropped=pred.dropped,
+        n_gt_dropped=gt.dropped,
+        n_pred_outside_aoi=pred.outside,
+        n_gt_outside_aoi=gt.outside,
+        per_object=None if key is None or object_ious is None else _object_stats(key, object_ious),
         matches=matches,
         object_ious=object_ious,
     )

@@ -31,10 +31,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sam_geo.errors import ConfigError
-from sam_geo.geo.stitch import DEFAULT_MATCH_IOU
-from sam_geo.geo.tiles import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE
 
 DEFAULT_MODEL = "mobile_sam"
+DEFAULT_TILE_SIZE = 1024
+"""Tile (model input) side, model pixels: SAM's native input size."""
+DEFAULT_OVERLAP = 128
+"""Halo around each tile, model pixels per side."""
+DEFAULT_MATCH_IOU = 0.6
+"""IoU inside the zone two tiles share at which their pieces are one object: above 0.5
+so that a part of an object (half a roof) does not match the whole object, whose IoU
+with it is about its share of the area."""
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 """Grounding detector of ``sam-geo text``: OWLv2 (Apache-2.0), in ``transformers``."""
 
@@ -279,7 +285,7 @@ def setting_modes(name: str) -> tuple[str, ...]:
 
 def _unknown_key(key: str) -> str:
     close = difflib.get_close_matches(key, list(Settings.model_fields), n=1, cutoff=0.6)
-    return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    return f"unknown setting '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
 def _describe(exc: ValidationError) -> str:

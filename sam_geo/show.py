@@ -28,7 +28,6 @@ import io
 import math
 import os
 import re
-import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,9 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from sam_geo.errors import ConfigError, CRSError, OutputError, OutputExistsError, SamGeoError, WriteError
+from sam_geo.errors import ConfigError, CRSError, OutputError, OutputExistsError, SamGeoError
 from sam_geo.evaluate import read_layer
+from sam_geo.io.atomic import atomic_path, exists_message, write_error
 from sam_geo.io.scenes import SceneInfo, compute_stretch, open_scene, read_window
 
 __all__ = ["html_map", "quicklook", "render_scene"]
@@ -252,15 +252,8 @@ def _check_output(
     if target.is_dir():
         raise OutputError(f"output path {str(target)!r} is a directory; give a file name")
     if target.exists() and not overwrite:
-        raise OutputExistsError(_exists_message(target))
+        raise OutputExistsError(exists_message(target))
     return target
-
-
-def _exists_message(target: Path) -> str:
-    return (
-        f"output {str(target)!r} already exists; pass --overwrite (overwrite=True) to "
-        "replace it, or choose another output path"
-    )
 
 
 def _check_colour(colour: str) -> tuple[int, int, int]:
@@ -467,37 +460,22 @@ def _json_friendly(frame: gpd.GeoDataFrame, geometry: str) -> gpd.GeoDataFrame:
 
 
 def _write_atomic(target: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Write via ``write(tmp)`` to a hidden temp file next to ``target``, then publish it.
+    """Write via ``write(tmp)`` with :func:`sam_geo.io.atomic.atomic_path`; return ``target``.
 
-    Without ``overwrite`` the temp file is hard-linked onto the target, which fails if
-    the target appeared meanwhile; a failed write leaves any previous file untouched.
+    Without ``overwrite`` the file is published with a hard link, which fails if the
+    target appeared meanwhile; a failed write leaves any previous file untouched and no
+    temporary file behind. The temporary name keeps the target's suffix (PIL and the
+    format checks look at it).
+
+    Raises:
+        OutputExistsError: ``target`` exists and ``overwrite`` is false.
+        WriteError: writing failed (OSError, or the encoder refused the data).
     """
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}")
     try:
-        write(tmp)
-        _publish(tmp, target, overwrite)
+        with atomic_path(target, suffix=target.suffix, overwrite=overwrite) as tmp:
+            write(tmp)
     except SamGeoError:
         raise
-    except Exception as exc:
-        raise WriteError(
-            f"writing {str(target)!r} failed ({type(exc).__name__}: {exc}); check free disk "
-            "space and permissions, then retry. Any previous file at that path is unchanged."
-        ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    except Exception as exc:  # encoder errors; OSErrors were wrapped by atomic_path
+        raise write_error(target, exc) from exc
     return target
-
-
-def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move ``tmp`` onto ``target`` atomically; refuse an existing target without overwrite."""
-    if overwrite:
-        os.replace(tmp, target)
-        return
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise OutputExistsError(_exists_message(target)) from None
-    except OSError:  # no hard links on this file system
-        if target.exists():
-            raise OutputExistsError(_exists_message(target)) from None
-        os.replace(tmp, target)

@@ -23,19 +23,17 @@ from rasterio.features import rasterize
 
 from conftest import make_raster
 from sam_geo import segment_auto
-from sam_geo.auto import (
-    AutoParams,
+from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from sam_geo.errors import ConfigError, OutputExistsError
+from sam_geo.modes.automatic import (
     _Candidate,
     _Coverage,
     _Frame,
     _point_batches,
     coarse_to_fine_order,
     grid_points,
-    scene_work_dir_name,
 )
-from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from sam_geo.errors import ConfigError, OutputExistsError
-from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.settings import make_settings
 from sam_geo.geo.stitch import BOTTOM, LEFT, RIGHT, TOP, Piece, interior_sides, piece_from_geometry, stitch
 from sam_geo.geo.tiles import TileGrid
 
@@ -282,7 +280,7 @@ def test_covered_points_are_not_decoded() -> None:
     points = grid_points(np.ones((256, 256), dtype=bool), 8)
 
     def decoded(candidates: list[_Candidate], **params) -> np.ndarray:
-        coverage = _Coverage(frame, AutoParams(**params))
+        coverage = _Coverage(frame, make_settings(**params))
         coverage.add(candidates)
         batches = list(_point_batches(points, 3, coverage))
         assert all(len(b) <= 3 for b in batches)
@@ -294,12 +292,12 @@ def test_covered_points_are_not_decoded() -> None:
     assert len(decoded([whole], cover_max_fraction=1.0)) == 0
 
 def test_auto_params_are_validated() -> None:
-    with pytest.raises(ConfigError, match="points per side"):
-        AutoParams(points_per_side=0).validate()
+    with pytest.raises(ConfigError, match="points_per_side"):
+        make_settings(points_per_side=0)
     with pytest.raises(ConfigError, match="max area"):
-        AutoParams(min_area_m2=10, max_area_m2=5).validate()
-    with pytest.raises(ConfigError, match="pred iou"):
-        AutoParams(pred_iou_thresh=1.5).validate()
+        make_settings(min_area_m2=10, max_area_m2=5)
+    with pytest.raises(ConfigError, match="pred_iou_thresh"):
+        make_settings(pred_iou_thresh=1.5)
 
 
 # --- end to end with MobileSAM ---------------------------------------------------------
@@ -348,10 +346,11 @@ def auto_runs(shapes_scene: Path, ray_session: None) -> dict[tuple[int, int, int
     for (tile_size, overlap, points), workers in TILINGS.items():
         runs[tile_size, overlap, points] = segment_auto(
             shapes_scene,
-            tile_size=tile_size,
-            overlap=overlap,
+            tile_size_px=tile_size,
+            overlap_px=overlap,
             points_per_side=points,
-            runtime=RuntimeOptions(workers=workers, progress=False),
+            workers=workers,
+            progress=False,
             **E2E_PARAMS,
         )
     return runs
@@ -419,7 +418,7 @@ def test_cli_auto_writes_objects_labels_and_summary(tmp_path: Path, capsys: pyte
 
 def test_segment_auto_refuses_bad_settings_before_work(shapes_scene: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="overlap"):
-        segment_auto(shapes_scene, tile_size=256, overlap=8)
+        segment_auto(shapes_scene, tile_size_px=256, overlap_px=8)
     with pytest.raises(ConfigError, match="unknown setting"):
         segment_auto(shapes_scene, points_per_tile=4)
     existing = tmp_path / "out.gpkg"
@@ -441,8 +440,8 @@ def test_cli_auto_several_scenes_with_a_preset_merge_and_resume(tmp_path: Path,
     listing = tmp_path / "scenes.txt"
     listing.write_text(f"{first}\n{second}\n")
     preset = tmp_path / "auto.yaml"
-    preset.write_text("auto:\n  points_per_side: 4\n  tile_size: 256\n  overlap: 48\n  min_area: 100\n"
-                      "  max_area: 10000\n  workers: 0\n")
+    preset.write_text("auto:\n  points_per_side: 4\n  tile_size_px: 256\n  overlap_px: 48\n  min_area_m2: 100\n"
+                      "  max_area_m2: 10000\n  workers: 0\n")
     out, work = tmp_path / "objects.geojson", tmp_path / "work"
     args = ["auto", str(listing), "-o", str(out), "--config", str(preset), "--work-dir", str(work), "--no-progress"]
     assert main(args) == EXIT_OK
@@ -452,7 +451,9 @@ def test_cli_auto_several_scenes_with_a_preset_merge_and_resume(tmp_path: Path,
     for scene, crs in ((first, "EPSG:32645"), (second, "EPSG:32644")):
         found = gpd.GeoSeries(gdf[gdf.scene == str(scene)].geometry.to_numpy(), crs="EPSG:32645").to_crs(crs)
         assert_one_object_per_shape(found.to_numpy(), truth, min_iou=0.9)
-    assert sorted(p.name for p in work.iterdir()) == sorted(scene_work_dir_name(str(p)) for p in (first, second))
+    # both scenes run as one job: one work dir with one manifest, each scene's tile in it
+    assert sorted(p.name for p in work.iterdir()) == ["manifest.json", "tiles"]
+    assert len(list((work / "tiles").glob("*.pkl"))) == 2
     capsys.readouterr()
     assert main([*args, "--overwrite"]) == EXIT_OK  # resumed: no tile encoded again
     err = capsys.readouterr().err
@@ -463,7 +464,8 @@ def test_cli_auto_several_scenes_with_a_preset_merge_and_resume(tmp_path: Path,
     assert "(0 tiles encoded" in capsys.readouterr().err
     preset.write_text("auto:\n  points_per_sid: 4\n")
     assert main([*args, "--overwrite"]) == EXIT_BAD_INPUT
-    assert "auto.points_per_sid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "section 'auto'" in err and "unknown setting 'points_per_sid'" in err
 
 
 def assert_geometries_equal(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
@@ -472,7 +474,7 @@ def assert_geometries_equal(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
 
 
 def test_nested_masks_keep_the_higher_scored_one_only() -> None:
-    from sam_geo.auto import suppress_nested
+    from sam_geo.modes.automatic import suppress_nested
 
     def piece(geom: shapely.Geometry, score: float) -> Piece:
         return Piece(shapely.to_wkb(geom), score, 0.97, (0.0, 0.0, 1.0, 1.0))

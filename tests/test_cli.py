@@ -93,12 +93,18 @@ def test_segment_writes_geojson_and_summary(small_scene, tmp_path: Path, capsys)
          "sha256"),
         (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--config", "{tmp}/typo.yaml"],
          "tile_szie"),
+        (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--config", "{tmp}/old.yaml"],
+         "did you mean 'tile_size_px'"),
+        (["segment", "{scene}", "--prompts", "{prompts}", "-o", "{tmp}/o.gpkg", "--tile-size", "10"],
+         "tile size must be at least 64"),
+        (["segment", "{scene}", "--prompts", "{prompts}", "--overwrite"], "-o/--output"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_no_output(small_scene, tmp_path: Path, capsys, args, expected) -> None:
     scene, prompts = small_scene
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "typo.yaml").write_text("segment:\n  tile_szie: 512\n")
+    (tmp_path / "old.yaml").write_text("segment:\n  tile_size: 512\n")
     args = [a.format(scene=scene, prompts=prompts, tmp=tmp_path) for a in args]
     code, err = run_cli(args + ["--workers", "0"], capsys)
     assert code == EXIT_BAD_INPUT
@@ -119,7 +125,7 @@ def test_existing_output_is_kept_without_overwrite(small_scene, tmp_path: Path, 
 def test_config_preset_sets_defaults_and_flags_win(small_scene, tmp_path: Path, capsys) -> None:
     scene, prompts = small_scene
     preset = tmp_path / "preset.yaml"
-    preset.write_text("segment:\n  tile_size: 256\n  overlap: 32\n  min_area: 1.0\n")
+    preset.write_text("segment:\n  tile_size_px: 256\n  overlap_px: 32\n  min_area_m2: 1.0\n")
     out, summary = tmp_path / "o.parquet", tmp_path / "s.json"
     code, err = run_cli(
         ["segment", str(scene), "--prompts", str(prompts), "-o", str(out), "--config", str(preset),
@@ -128,7 +134,7 @@ def test_config_preset_sets_defaults_and_flags_win(small_scene, tmp_path: Path, 
     )
     assert code == EXIT_OK, err
     settings = json.loads(summary.read_text())["settings"]
-    assert (settings["tile_size"], settings["overlap"], settings["min_area_m2"]) == (256, 16, 1.0)
+    assert (settings["tile_size_px"], settings["overlap_px"], settings["min_area_m2"]) == (256, 16, 1.0)
     assert len(gpd.read_parquet(out)) > 0
 
 

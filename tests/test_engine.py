@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from affine import Affine
 
 from sam_geo.errors import ConfigError
-from sam_geo.engine import _decode_batches, _to_tile_pixels, choose_masks, mask_prompt_logits, upsample_crop
+from sam_geo.model.masks import choose_masks, mask_prompt_logits, upsample_crop
+from sam_geo.modes.prompted import to_tile_pixels
+from sam_geo.run.host import decode_batches
 from sam_geo.io.prompts import PromptBatch
 from sam_geo.geo.tiles import TileGrid
 
@@ -71,7 +73,7 @@ def test_decode_batches_never_mix_prompt_kinds() -> None:
     labels[1, 2] = 1  # a box with one point, stored in the last slot
     masks = np.array([None, None, b"x", None, None, None, None], dtype=object)
     batch = PromptBatch(np.arange(n), boxes, points, labels, masks)
-    groups = list(_decode_batches(batch, size=2))
+    groups = list(decode_batches(batch, size=2))
     seen = sorted(int(i) for g in groups for i in g.index)
     assert seen == list(range(n))
     for g in groups:
@@ -88,7 +90,7 @@ def test_prompts_move_into_tile_pixels_with_zoom() -> None:
         np.array([0]), np.array([[300.0, 300.0, 340.0, 360.0]]), np.array([[[320.0, 330.0]]]),
         np.array([[1]], dtype=np.int32), np.array([shapely.to_wkb(poly)], dtype=object), np.array([2400.0]),
     )
-    moved = _to_tile_pixels(batch, tile)
+    moved = to_tile_pixels(batch, tile)
     ox, oy = tile.read.col_start, tile.read.row_start
     np.testing.assert_allclose(moved.boxes[0], [(300 - ox) * 2, (300 - oy) * 2, (340 - ox) * 2, (360 - oy) * 2])
     np.testing.assert_allclose(moved.points[0, 0], [(320 - ox) * 2, (330 - oy) * 2])
@@ -102,7 +104,7 @@ def test_prompts_move_into_tile_pixels_with_zoom() -> None:
 def test_encode_batcher_gathers_concurrent_tiles_and_hands_back_each_result() -> None:
     import threading
 
-    from sam_geo.engine import EncodeBatcher
+    from sam_geo.run.host import EncodeBatcher
 
     calls: list[list[int]] = []
 
@@ -131,7 +133,7 @@ def test_encode_batcher_gathers_concurrent_tiles_and_hands_back_each_result() ->
 
 
 def test_encode_batcher_hands_an_exception_to_every_caller_of_the_batch() -> None:
-    from sam_geo.engine import EncodeBatcher
+    from sam_geo.run.host import EncodeBatcher
 
     def broken(rgbs: list[np.ndarray]) -> list[int]:
         raise RuntimeError("CUDA out of memory")
@@ -145,10 +147,10 @@ def test_encode_batcher_hands_an_exception_to_every_caller_of_the_batch() -> Non
 def mobile_sam_segmenters():
     """MobileSAM (real weights) in fp32, and in bf16 autocast with batched encoding."""
     from conftest import WEIGHTS
-    from sam_geo.engine import EngineConfig, TileSegmenter
+    from sam_geo.run.host import HostConfig, ModelHost
 
-    fp32 = TileSegmenter(EngineConfig("mobile_sam", str(WEIGHTS), device="cpu", precision="fp32"))
-    bf16 = TileSegmenter(EngineConfig("mobile_sam", str(WEIGHTS), device="cpu", precision="bf16", encode_batch=2))
+    fp32 = ModelHost(HostConfig("mobile_sam", str(WEIGHTS), device="cpu", precision="fp32"))
+    bf16 = ModelHost(HostConfig("mobile_sam", str(WEIGHTS), device="cpu", precision="bf16", encode_batch=2))
     return fp32, bf16
 
 
@@ -216,7 +218,7 @@ def test_cpu_mask_decoder_gives_the_official_decoder_outputs(mobile_sam_segmente
     """The factorized fp32 decoder computes what segment-anything's MaskDecoder does
     (real MobileSAM weights, a real tile's embedding); the bf16 one gives the same masks
     up to bf16 rounding."""
-    from sam_geo.engine import cpu_mask_decoder
+    from sam_geo.model.sam_backend import cpu_mask_decoder
 
     fp32, _ = mobile_sam_segmenters
     model = fp32.model
@@ -282,7 +284,7 @@ def test_cpu_mask_decoder_recomputes_its_cache_for_a_new_tile(mobile_sam_segment
     """The first layer's image projections (and the low-rank path's tile products) are
     cached per image embedding: a second tile (or the same tile with a mask prompt) must
     not reuse the first tile's."""
-    from sam_geo.engine import cpu_mask_decoder
+    from sam_geo.model.sam_backend import cpu_mask_decoder
 
     fp32, _ = mobile_sam_segmenters
     model = fp32.model
@@ -305,7 +307,7 @@ def test_box_masks_are_the_official_ones_inside_their_kept_crop(mobile_sam_segme
     official decoder's full grid, for boxes of many sizes, at tile edges included.
     (700 px: the tile is resized to the model's frame and padded along no axis but one.)"""
     from sam_geo.model.decoder import OUTSIDE_WINDOW_LOGIT
-    from sam_geo.engine import _crop_for_prompt, logits_windows, upsample_crop
+    from sam_geo.model.masks import crop_for_prompt, logits_windows, upsample_crop
 
     fp32, _ = mobile_sam_segmenters
     backend = fp32.backend
@@ -334,7 +336,7 @@ def test_box_masks_are_the_official_ones_inside_their_kept_crop(mobile_sam_segme
         row0, col0, row1, col1 = windows[k]
         torch.testing.assert_close(ours[k, row0:row1, col0:col1], official[k, row0:row1, col0:col1],
                                    atol=2e-3, rtol=1e-4)
-        crop = _crop_for_prompt(prompts, k, rgb.shape[:2])
+        crop = crop_for_prompt(prompts, k, rgb.shape[:2])
         a, b = upsample_crop(ours[k], crop, frame), upsample_crop(official[k], crop, frame)
         assert (a != b).mean() < 1e-3 and a.any() == b.any()
 
@@ -432,10 +434,10 @@ def test_glibc_allocator_keeps_freed_memory_unless_the_user_tuned_it(monkeypatch
     import ctypes
     import platform
 
-    from sam_geo import engine
+    from sam_geo.run import host
 
     if platform.libc_ver()[0] == "glibc":
-        assert engine.keep_freed_memory_for_reuse() is True  # the real mallopt accepts both settings
+        assert host.keep_freed_memory_for_reuse() is True  # the real mallopt accepts both settings
     calls = []
 
     class FakeLibc:
@@ -444,18 +446,18 @@ def test_glibc_allocator_keeps_freed_memory_unless_the_user_tuned_it(monkeypatch
             calls.append((option, value))
             return 1
 
-    monkeypatch.setattr(engine.ctypes, "CDLL", lambda name: FakeLibc())
-    assert engine.keep_freed_memory_for_reuse() is True
-    assert calls == [(-3, 32 << 20), (-1, engine.CPU_HEAP_KEEP_MB << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    monkeypatch.setattr(host.ctypes, "CDLL", lambda name: FakeLibc())
+    assert host.keep_freed_memory_for_reuse() is True
+    assert calls == [(-3, 32 << 20), (-1, host.CPU_HEAP_KEEP_MB << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
-    assert engine.keep_freed_memory_for_reuse() is False
+    assert host.keep_freed_memory_for_reuse() is False
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
 
     def no_glibc(name: str) -> ctypes.CDLL:
         raise OSError(f"{name}: cannot open shared object file")
 
-    monkeypatch.setattr(engine.ctypes, "CDLL", no_glibc)
-    assert engine.keep_freed_memory_for_reuse() is False
+    monkeypatch.setattr(host.ctypes, "CDLL", no_glibc)
+    assert host.keep_freed_memory_for_reuse() is False
 
 
 def _random_decoder(seed: int = 5, inflate: float = 0.0) -> torch.nn.Module:
@@ -505,12 +507,12 @@ def test_decoder_context_of_the_whole_grid_gives_the_exact_outputs_and_smaller_s
 
 
 def test_decoder_context_setting_is_validated_and_reaches_the_cpu_decoder(mobile_sam_segmenters) -> None:
-    from sam_geo.api import SegmentSettings
-    from sam_geo.engine import SamBackend
+    from sam_geo.model.sam_backend import SamBackend
+    from sam_geo.settings import make_settings
 
     with pytest.raises(ConfigError, match="decoder context"):
-        SegmentSettings(decoder_context_px=10).validate()
-    SegmentSettings(decoder_context_px=0).validate()
+        make_settings(decoder_context_px=10)
+    make_settings(decoder_context_px=0)
     backend = SamBackend(mobile_sam_segmenters[0].backend.model, torch.device("cpu"))
     backend.use_cpu_decoder(torch.float32, 250)  # 250 model px -> 16 cells of 16 px
     assert backend._cpu_decoder.context == 16
@@ -520,10 +522,10 @@ def test_decoder_context_setting_is_validated_and_reaches_the_cpu_decoder(mobile
 
 @pytest.mark.parametrize("fast_bf16", [True, False])
 def test_precision_resolution(monkeypatch, fast_bf16: bool) -> None:
-    import sam_geo.engine as engine
-    from sam_geo.engine import resolve_precision
+    import sam_geo.model.sam_backend as sam_backend
+    from sam_geo.model.sam_backend import resolve_precision
 
-    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(sam_backend, "cpu_has_fast_bf16", lambda: fast_bf16)
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if fast_bf16 else torch.float32)
     assert resolve_precision("fp32", cpu) == torch.float32
@@ -535,7 +537,7 @@ def test_precision_resolution(monkeypatch, fast_bf16: bool) -> None:
 
 
 def test_cpu_bf16_probe_can_be_forced_either_way(monkeypatch) -> None:
-    from sam_geo.engine import cpu_has_fast_bf16
+    from sam_geo.model.sam_backend import cpu_has_fast_bf16
 
     monkeypatch.setenv("SAM_GEO_CPU_BF16", "0")
     assert cpu_has_fast_bf16() is False
@@ -547,9 +549,9 @@ def test_cpu_bf16_probe_can_be_forced_either_way(monkeypatch) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA path: needs a GPU (CI has none; checked on the device machine)")
 def test_cuda_defaults_batch_tiles_under_autocast() -> None:
     from conftest import WEIGHTS
-    from sam_geo.engine import GPU_ENCODE_BATCH, EngineConfig, TileSegmenter
+    from sam_geo.run.host import GPU_ENCODE_BATCH, HostConfig, ModelHost
 
-    segmenter = TileSegmenter(EngineConfig("mobile_sam", str(WEIGHTS), device="cuda"))
+    segmenter = ModelHost(HostConfig("mobile_sam", str(WEIGHTS), device="cuda"))
     assert segmenter.encode_batch == GPU_ENCODE_BATCH and segmenter.autocast_dtype in (torch.bfloat16, torch.float16)
     embedding, input_hw = segmenter.encode(_scene_tile(3))
     assert embedding.is_cuda and input_hw == (1024, 1024)

@@ -62,11 +62,10 @@ def test_text_command_writes_georeferenced_objects_with_phrase_and_scores(
 
 def test_each_detection_is_kept_by_one_tile_only(scene: Path, detector_folder: Path) -> None:
     """Tiles overlap, but a detection is kept only by the tile whose core holds its centre."""
-    from sam_geo.grounded import segment_text
-    from sam_geo.run.runtime import RuntimeOptions
+    from sam_geo import segment_text
 
-    gdf = segment_text(scene, ["roof"], detector=str(detector_folder), box_threshold=0.0, tile_size=256, overlap=32,
-                       runtime=RuntimeOptions(workers=0, progress=False))
+    gdf = segment_text(scene, ["roof"], detector=str(detector_folder), box_threshold=0.0, tile_size_px=256,
+                       overlap_px=32, workers=0, progress=False)
     centroids = shapely.get_coordinates(gdf.geometry.centroid)
     assert len(gdf) > 0
     assert gdf.attrs["summary"]["tiles"]["planned"] == 4

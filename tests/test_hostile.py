@@ -42,7 +42,7 @@ from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from conftest import WEIGHTS, make_raster
-from sam_geo import engine
+from sam_geo.run import host as model_host
 from sam_geo.io import scenes as raster
 from sam_geo.io import writers
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
@@ -75,7 +75,7 @@ MARGIN = 3
 @pytest.fixture(scope="module", autouse=True)
 def _fast_model() -> Iterator[None]:
     """Build the model once and encode each distinct tile image once, for this module."""
-    real = engine.build_backend
+    real = model_host.build_backend  # ModelHost builds its model through this name
     built: dict[tuple[Any, ...], Any] = {}
 
     def cached_backend(name: str, weights: Any, device: Any, *, multimask: bool = False) -> Any:
@@ -87,7 +87,7 @@ def _fast_model() -> Iterator[None]:
         return built[key]
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(engine, "build_backend", cached_backend)
+    patch.setattr(model_host, "build_backend", cached_backend)
     yield
     patch.undo()
 
@@ -705,12 +705,11 @@ def test_attribute_names_clashing_with_the_output_format(base, out_dir, tmp_path
 def test_api_prompt_frame_with_mixed_type_column(base, out_dir) -> None:
     """A GeoDataFrame column holding numbers and text is written (as text) to GeoParquet."""
     import sam_geo
-    from sam_geo.run.runtime import RuntimeOptions
 
     frame = prompt_frame(names=("a", "b"))
     frame["code"] = [17, "B-2"]
     output = out_dir / "o.parquet"
-    gdf = sam_geo.segment(base.scene, frame, output=output, runtime=RuntimeOptions(workers=0, progress=False))
+    gdf = sam_geo.segment(base.scene, frame, output=output, workers=0, progress=False)
     assert len(gdf) == 2
     written = assert_good_output(output, base.scene, count=2)
     assert list(written["code"]) == ["17", "B-2"]

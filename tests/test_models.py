@@ -22,6 +22,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from sam_geo.model import registry as models
+from sam_geo.model.checkpoints import guess_sam_model
 from sam_geo.errors import (
     ChecksumMismatchError,
     ConfigError,
@@ -348,7 +349,7 @@ def test_torch_files_that_are_not_state_dicts(
     ],
 )
 def test_guess_model_from_state_dict(state: dict[str, torch.Tensor], guess: str | None) -> None:
-    assert models._guess_model(state) == guess
+    assert guess_sam_model(state) == guess
 
 
 # --- fallback order ----------------------------------------------------------------
@@ -569,13 +570,13 @@ def test_big_models_architecture_on_meta_device(name: str, width: int, depth: in
     assert isinstance(model, Sam)
     assert model.image_encoder.patch_embed.proj.weight.shape == (width, 3, 16, 16)
     assert len(model.image_encoder.blocks) == depth
-    assert models._guess_model(model.state_dict()) == name
+    assert guess_sam_model(model.state_dict()) == name
 
 
 def test_mobile_sam_random_init() -> None:
     model = models.build_sam("mobile_sam")
     assert isinstance(model, Sam) and type(model.image_encoder).__name__ == "TinyViT"
-    assert models._guess_model(model.state_dict()) == "mobile_sam"
+    assert guess_sam_model(model.state_dict()) == "mobile_sam"
 
 
 @pytest.mark.parametrize("device", ["nonsense", "cuda:abc"])

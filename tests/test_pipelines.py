@@ -25,9 +25,18 @@ def test_fields_pipeline_reads_the_auto_preset() -> None:
         from fields_auto import preset_settings
     finally:
         sys.path.remove(str(PIPELINES))
-    settings = preset_settings()
-    assert settings["zoom"] == 4 and settings["points_per_side"] == 32
-    assert settings["min_area_m2"] == 1000.0 and settings["max_area_m2"] == 200000.0
-    from sam_geo.auto import _split_overrides
+    values = preset_settings()
+    assert values["zoom"] == 4 and values["points_per_side"] == 32
+    assert values["min_area_m2"] == 1000.0 and values["max_area_m2"] == 200000.0
+    from sam_geo.settings import make_settings
 
-    _split_overrides(None, None, settings)  # every key is a known setting
+    settings = make_settings(**values)  # every key is a known setting, every value valid
+    assert (settings.zoom, settings.tile_size_px, settings.simplify_m) == (4, 1024, 5.0)
+
+
+@pytest.mark.parametrize("preset", sorted((PIPELINES.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("command", ["segment", "auto", "text"])
+def test_presets_are_valid_settings(preset: Path, command: str) -> None:
+    from sam_geo.settings import load_preset, make_settings
+
+    make_settings(**load_preset(preset, command))

@@ -15,11 +15,11 @@ from rasterio.windows import Window
 
 from conftest import BANEPA, make_raster
 from sam_geo import segment
-from sam_geo.api import expand_scenes
 from sam_geo.errors import ConfigError, RasterError, RunError
-from sam_geo.run.runtime import RuntimeOptions
+from sam_geo.run.pipeline import expand_scenes
 
-TILING = {"tile_size": 256, "overlap": 32}
+TILING = {"tile_size_px": 256, "overlap_px": 32}
+IN_PROCESS = {"workers": 0, "progress": False}
 
 
 def write_crop(window: Window, dest: Path) -> Path:
@@ -44,7 +44,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def clean_run(scene: Path) -> gpd.GeoDataFrame:
-    return segment(scene, prompts_inside(scene), runtime=RuntimeOptions(workers=0, progress=False), **TILING)
+    return segment(scene, prompts_inside(scene), **IN_PROCESS, **TILING)
 
 
 def assert_same_output(a: gpd.GeoDataFrame, b: gpd.GeoDataFrame) -> None:
@@ -71,7 +71,9 @@ def test_killed_actor_is_replaced_and_the_output_is_unchanged(scene: Path, clean
     gdf = segment(
         scene,
         prompts_inside(scene),
-        runtime=RuntimeOptions(workers=2, progress=False, on_result=kill_one_actor),
+        workers=2,
+        progress=False,
+        on_result=kill_one_actor,
         **TILING,
     )
     assert killed
@@ -92,12 +94,12 @@ def test_interrupted_run_resumes_only_the_remaining_tiles(scene: Path, clean_run
     prompts = prompts_inside(scene)
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        segment(scene, prompts, work_dir=work, runtime=RuntimeOptions(workers=0, on_result=die_after_three), **TILING)
+        segment(scene, prompts, work_dir=work, workers=0, on_result=die_after_three, **TILING)
     assert len(list((work / "tiles").glob("*.pkl"))) == 3
 
     summary_path = tmp_path / "summary.json"
     gdf = segment(
-        scene, prompts, work_dir=work, runtime=RuntimeOptions(workers=0, progress=False),
+        scene, prompts, work_dir=work, **IN_PROCESS,
         summary_path=summary_path, **TILING,
     )
     tiles = json.loads(summary_path.read_text())["tiles"]
@@ -106,7 +108,7 @@ def test_interrupted_run_resumes_only_the_remaining_tiles(scene: Path, clean_run
     assert_same_output(gdf, clean_run)
 
     # a finished work dir resumes everything and encodes nothing
-    again = segment(scene, prompts, work_dir=work, runtime=RuntimeOptions(workers=0, progress=False), **TILING)
+    again = segment(scene, prompts, work_dir=work, **IN_PROCESS, **TILING)
     assert again.attrs["summary"]["tiles"]["processed"] == 0
     assert_same_output(again, clean_run)
 
@@ -114,16 +116,16 @@ def test_interrupted_run_resumes_only_the_remaining_tiles(scene: Path, clean_run
 def test_work_dir_of_another_run_is_refused_unless_restart(scene: Path, tmp_path: Path) -> None:
     prompts = prompts_inside(scene).iloc[:3]
     work = tmp_path / "work"
-    options = RuntimeOptions(workers=0, progress=False)
-    segment(scene, prompts, work_dir=work, runtime=options, **TILING)
+    options = IN_PROCESS
+    segment(scene, prompts, work_dir=work, **options, **TILING)
     with pytest.raises(ConfigError, match="settings.*--restart"):
-        segment(scene, prompts, work_dir=work, runtime=options, tile_size=512, overlap=32)
-    gdf = segment(scene, prompts, work_dir=work, runtime=options, restart=True, tile_size=512, overlap=32)
+        segment(scene, prompts, work_dir=work, **options, tile_size_px=512, overlap_px=32)
+    gdf = segment(scene, prompts, work_dir=work, **options, restart=True, tile_size_px=512, overlap_px=32)
     assert gdf.attrs["summary"]["tiles"]["resumed"] == 0
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not empty"):
-        segment(scene, prompts, work_dir=tmp_path / "busy", runtime=options, **TILING)
+        segment(scene, prompts, work_dir=tmp_path / "busy", **options, **TILING)
 
 
 def corrupt_block(path: Path, row: int, col: int) -> None:
@@ -142,13 +144,13 @@ def test_a_tile_that_keeps_failing_is_recorded_and_the_rest_finishes(scene: Path
     shutil.copy(scene, broken)
     corrupt_block(broken, 50, 50)  # top-left block only
     prompts = prompts_inside(scene)
-    options = RuntimeOptions(workers=0, progress=False, retries=1)
+    options = {**IN_PROCESS, "retries": 1}
     output = tmp_path / "out.gpkg"
     with pytest.raises(RunError, match="no output was written"):
-        segment(broken, prompts, output=output, runtime=options, **TILING)
+        segment(broken, prompts, output=output, **options, **TILING)
     assert not output.exists()
 
-    gdf = segment(broken, prompts, output=output, runtime=options, max_failed_tiles=20, **TILING)
+    gdf = segment(broken, prompts, output=output, **options, max_failed_tiles=20, **TILING)
     summary = gdf.attrs["summary"]
     assert 1 <= summary["tiles"]["failed"] < summary["tiles"]["planned"]
     assert all("corrupt" in f["error"] and f["attempts"] == 2 for f in summary["failures"])
@@ -168,7 +170,7 @@ def test_several_scenes_merge_into_one_output_with_a_scene_column(scene: Path, t
     prompts = gpd.GeoDataFrame(
         gpd.pd.concat([prompts_inside(scene), prompts_inside(other)]).drop_duplicates("osm_id"), crs=scene_crs(scene)
     )
-    gdf = segment([f"@{listing}"], prompts, runtime=RuntimeOptions(workers=0, progress=False), **TILING)
+    gdf = segment([f"@{listing}"], prompts, **IN_PROCESS, **TILING)
     assert set(gdf.scene) == {str(scene), str(other)}
     assert gdf.osm_id.is_unique and len(gdf) == len(prompts)
     assert gdf.attrs["summary"]["prompts"]["outside"] == 0
@@ -180,11 +182,11 @@ def scene_crs(path: Path) -> str:
 
 
 def test_cpu_actors_run_one_task_at_a_time_and_gpu_actors_fill_an_encoder_batch() -> None:
-    from sam_geo.engine import GPU_ENCODE_BATCH, EngineConfig
+    from sam_geo.run.host import GPU_ENCODE_BATCH, HostConfig
     from sam_geo.run.runtime import TASKS_PER_ACTOR, tasks_per_actor
 
-    config = EngineConfig(model="mobile_sam", weights="w.pt")
+    config = HostConfig(model="mobile_sam", weights="w.pt")
     assert tasks_per_actor(config, on_gpu=False) == 1
-    assert tasks_per_actor(EngineConfig(model="mobile_sam", weights="w.pt", encode_batch=8), on_gpu=False) == 1
+    assert tasks_per_actor(HostConfig(model="mobile_sam", weights="w.pt", encode_batch=8), on_gpu=False) == 1
     assert tasks_per_actor(config, on_gpu=True) == max(TASKS_PER_ACTOR, GPU_ENCODE_BATCH + 1)
-    assert tasks_per_actor(EngineConfig(model="mobile_sam", weights="w.pt", encode_batch=1), on_gpu=True) == TASKS_PER_ACTOR
+    assert tasks_per_actor(HostConfig(model="mobile_sam", weights="w.pt", encode_batch=1), on_gpu=True) == TASKS_PER_ACTOR

@@ -22,13 +22,15 @@ import torch.nn.functional as F
 from shapely.geometry import Point, box
 
 from conftest import RASTER_TEST_TRANSFORM, make_raster
-from sam_geo import models, segment
-from sam_geo.engine import build_backend, upsample_crop
+from sam_geo import segment
+from sam_geo.model import registry as models
+from sam_geo.model.masks import upsample_crop
+from sam_geo.model.sam_backend import build_backend
 from sam_geo.errors import ConfigError, WeightsError, WeightsNotFoundError
 from sam_geo.io.prompts import PromptBatch
 from sam_geo.io.scenes import open_scene
-from sam_geo.run.runtime import RuntimeOptions
-from sam_geo.model.sam2_backend import Sam2Backend, Sam2Embedding, build_sam2_model, guess_sam2_model
+from sam_geo.model.checkpoints import guess_sam2_model
+from sam_geo.model.sam2_backend import Sam2Backend, Sam2Embedding, build_sam2_model
 
 TINY = "sam2.1_hiera_tiny"
 SAM2_NAMES = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large")
@@ -300,11 +302,12 @@ def test_segment_end_to_end_with_sam21(
         model=TINY,
         weights=str(checkpoint),
         device="cpu",
-        tile_size=256,
-        overlap=32,
+        tile_size_px=256,
+        overlap_px=32,
         zoom=1,
         min_area_m2=0.0,
-        runtime=RuntimeOptions(workers=0, progress=False),
+        workers=0,
+        progress=False,
     )
     summary = gdf.attrs["summary"]
     assert summary["model"]["name"] == TINY

@@ -23,9 +23,8 @@ from conftest import BANEPA, FIELDS, INRIA
 from sam_geo import segment
 from sam_geo.errors import OutputExistsError
 from sam_geo.io.scenes import open_scene
-from sam_geo.run.runtime import RuntimeOptions
-
-IN_PROCESS = RuntimeOptions(workers=0, progress=False)
+IN_PROCESS = {"workers": 0, "progress": False}
+"""Run the model in this process (no Ray), no progress bar."""
 
 
 def crop(src_path: Path, window: Window, dest: Path) -> Path:
@@ -76,9 +75,10 @@ def test_box_prompts_from_4326_layer_through_ray(banepa_crop, tmp_path: Path) ->
         prompts,
         output=output,
         id_column="osm_id",
-        tile_size=512,
-        overlap=64,
-        runtime=RuntimeOptions(workers=1, progress=False),
+        tile_size_px=512,
+        overlap_px=64,
+        workers=1,
+        progress=False,
         summary_path=summary_path,
     )
     ious = per_object_iou(gdf, truth, "osm_id")
@@ -124,7 +124,7 @@ def test_point_prompts_and_prompts_off_the_scene_are_reported(banepa_crop, tmp_p
     layer = gpd.GeoDataFrame(
         gpd.pd.concat([points, extra], ignore_index=True), geometry="geometry", crs=truth.crs
     )
-    gdf = segment(scene_path, layer, id_column="name", runtime=IN_PROCESS)
+    gdf = segment(scene_path, layer, id_column="name", **IN_PROCESS)
     summary = gdf.attrs["summary"]
     assert summary["prompts"]["outside_ids"] == ["far away"]
     assert summary["prompts"]["on_nodata_ids"] == ["nodata corner"]
@@ -137,7 +137,7 @@ def test_existing_output_is_refused_before_any_work(banepa_crop, tmp_path: Path)
     output = tmp_path / "out.gpkg"
     output.write_bytes(b"previous")
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        segment(scene_path, BANEPA / "osm_buildings_4326.geojson", output=output, runtime=IN_PROCESS)
+        segment(scene_path, BANEPA / "osm_buildings_4326.geojson", output=output, **IN_PROCESS)
     assert output.read_bytes() == b"previous"
 
 
@@ -160,7 +160,7 @@ def test_another_sensor_inria_austin_boxes(tmp_path: Path) -> None:
 
     truth = mask_to_prompts(INRIA / "austin_buildings_mask.tif", min_pixels=200)
     truth = truth[truth.within(open_scene(INRIA / "austin_aerial.tif").footprint.buffer(-3))]
-    gdf = segment(INRIA / "austin_aerial.tif", truth.to_crs(4326), id_column="bid", runtime=IN_PROCESS)
+    gdf = segment(INRIA / "austin_aerial.tif", truth.to_crs(4326), id_column="bid", **IN_PROCESS)
     ious = per_object_iou(gdf, truth, "bid")
     assert len(truth) >= 20
     assert np.median(ious) >= 0.7
@@ -171,7 +171,7 @@ def test_sentinel2_false_colour_fields_boxes(tmp_path: Path) -> None:
     fields = gpd.read_file(FIELDS / "fields_polygons.gpkg", layer="polygons")
     fields = fields[fields.area > 5000].reset_index(drop=True).iloc[:40]
     fields["fid_"] = np.arange(len(fields))
-    gdf = segment(FIELDS / "befl_s2_nir_r_g.tif", fields, id_column="fid_", runtime=IN_PROCESS)
+    gdf = segment(FIELDS / "befl_s2_nir_r_g.tif", fields, id_column="fid_", **IN_PROCESS)
     ious = per_object_iou(gdf, fields, "fid_")
     assert np.median(ious) >= 0.6
     assert gdf.geometry.is_valid.all()

@@ -20,6 +20,7 @@ import transformers
 
 from sam_geo.errors import ConfigError, WeightsNotFoundError
 from sam_geo.model.detector import DEFAULT_TEXT_MODEL, Detections, TextDetector
+from sam_geo.settings import DEFAULT_DETECTOR, Settings
 
 ROWS, COLS = 200, 256
 
@@ -251,6 +252,7 @@ def test_from_pretrained_passes_the_name_through(owlv2: TextDetector, monkeypatc
     assert processor.calls == model.calls
     assert detector.kind == "owlv2" and detector.name == "google/owlv2-base-patch16-ensemble"
     assert DEFAULT_TEXT_MODEL == "google/owlv2-base-patch16-ensemble"
+    assert Settings().detector == DEFAULT_DETECTOR == DEFAULT_TEXT_MODEL  # what a run uses unless told otherwise
 
     monkeypatch.delenv("SAM_GEO_OFFLINE")
     TextDetector.from_pretrained("/models/my-owlv2", revision="abc")

@@ -402,3 +402,20 @@ def test_metres_to_degrees_needs_latitude() -> None:
 def test_metres_to_crs_units_rejects_negative_distance() -> None:
     with pytest.raises(ValueError, match="distance_m"):
         metres_to_crs_units(32633, -1.0)
+
+
+@pytest.mark.parametrize(
+    ("n", "edges", "groups"),
+    [
+        (0, [], []),
+        (3, [], [[0], [1], [2]]),
+        (5, [(3, 1), (4, 0), (1, 3)], [[0, 4], [1, 3], [2]]),
+        (6, [(5, 4), (4, 2), (2, 0), (3, 3)], [[0, 2, 4, 5], [1], [3]]),
+    ],
+)
+def test_connected_groups_are_sorted_components(n: int, edges: list[tuple[int, int]], groups: list[list[int]]) -> None:
+    from sam_geo.geo import vectorize
+
+    left = np.array([a for a, _ in edges], dtype=np.int64)
+    right = np.array([b for _, b in edges], dtype=np.int64)
+    assert vectorize._connected_groups(n, left, right) == groups

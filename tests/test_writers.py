@@ -8,6 +8,7 @@ import os
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import geopandas
@@ -19,7 +20,11 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from sam_geo.errors import CRSError, OutputError, OutputExistsError, WriteError
+from sam_geo.io.atomic import atomic_path, write_bytes_atomic
+from sam_geo.io.labels import write_labels_raster
 from sam_geo.io.writers import SUPPORTED_SUFFIXES, check_output_path, write_vector
+from sam_geo.run.summary import write_json_atomic
+from sam_geo.run.workdir import WorkDir
 
 SUFFIXES = [".geojson", ".gpkg", ".parquet"]
 UTM33N = "EPSG:32633"
@@ -471,3 +476,103 @@ def test_target_appearing_during_write_is_not_clobbered(
 
     assert path.read_bytes() == b"someone else's"
     assert _files(tmp_path) == [path.name]
+
+
+# --- the atomic-write helper (sam_geo.io.atomic) and the other writers using it ----------
+
+
+def test_atomic_path_publishes_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "out.gpkg"
+    with atomic_path(target, suffix=".gpkg") as tmp:
+        assert tmp.parent == tmp_path and not tmp.exists()
+        assert tmp.name.startswith(".out.gpkg.") and tmp.name.endswith(".tmp.gpkg")
+        tmp.write_bytes(b"new")
+        assert not target.exists()  # nothing visible before the block ends
+    assert target.read_bytes() == b"new"
+    assert _files(tmp_path) == ["out.gpkg"]
+
+
+def test_atomic_path_failure_keeps_previous_and_removes_temp_and_sidecars(tmp_path: Path) -> None:
+    target = tmp_path / "out.gpkg"
+    target.write_bytes(b"old")
+    with pytest.raises(WriteError, match="out.gpkg.*full.*unchanged") as info:
+        with atomic_path(target, suffix=".gpkg") as tmp:
+            tmp.write_bytes(b"partial")
+            Path(f"{tmp}-journal").write_bytes(b"journal")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert isinstance(info.value.__cause__, OSError) and info.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == ["out.gpkg"]
+
+
+def test_atomic_path_other_errors_propagate_unchanged(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(ValueError, match="bad data"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise ValueError("bad data")
+    with pytest.raises(OSError, match="HTTP Error 503") as info:
+        with atomic_path(target, wrap_errors=False) as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError("HTTP Error 503")
+    assert not isinstance(info.value, WriteError)
+    assert _files(tmp_path) == []
+
+
+def test_atomic_path_without_overwrite_refuses_an_existing_target(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    write_bytes_atomic(target, b"first", overwrite=False)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        write_bytes_atomic(target, b"second", overwrite=False)
+    assert target.read_bytes() == b"first"
+    write_bytes_atomic(target, b"third")
+    assert target.read_bytes() == b"third"
+    assert _files(tmp_path) == ["out.bin"]
+
+
+def test_atomic_path_failed_rename_is_a_write_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def no_replace(src: Any, dst: Any) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    with pytest.raises(WriteError, match="permission"):
+        write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert _files(tmp_path) == ["out.bin"]
+
+
+def test_summary_json_and_work_dir_files_are_written_atomically(tmp_path: Path) -> None:
+    summary = write_json_atomic({"n": np.int64(3), "name": "Straße"}, tmp_path / "summary.json")
+    assert json.loads(summary.read_text(encoding="utf-8")) == {"n": 3, "name": "Straße"}
+    work = WorkDir(tmp_path / "work", {"scene": "a.tif"})
+    work.save("r0000c0000", {"polygons": [1, 2]})
+    assert work.load("r0000c0000") == {"polygons": [1, 2]}
+    leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_failed_labels_raster_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    scene = SimpleNamespace(width=600, height=40, crs=CRS.from_string(UTM33N),
+                            transform=Affine(1, 0, 500_000, 0, -1, 4_980_000))
+    objects = geopandas.GeoDataFrame(
+        {"object_id": [1, 2]}, geometry=[box(500_010, 4_979_970, 500_030, 4_979_990), box(500_520, 4_979_965, 500_590, 4_979_995)],
+        crs=UTM33N,
+    )
+    target = tmp_path / "labels.tif"
+    write_labels_raster(objects, scene, target)  # type: ignore[arg-type]
+    before = target.read_bytes()
+
+    def no_replace(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    with pytest.raises(WriteError, match="full"):
+        write_labels_raster(objects.iloc[:1], scene, target, overwrite=True)  # type: ignore[arg-type]
+    assert target.read_bytes() == before
+    assert _files(tmp_path) == ["labels.tif"]

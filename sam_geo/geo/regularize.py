@@ -103,28 +103,56 @@ def regularize_buildings(
     usable = ~shapely.is_missing(geoms)
     kept = gdf.loc[usable].copy() if not usable.all() else gdf.copy()
     inputs = geoms[usable]
+    out_geoms, accepted = _regularize_geoms(
+        inputs, gdf.crs, min_iou=min_iou, tolerance_m=tolerance_m,
+        parallel_threshold_m=parallel_threshold_m, workers=workers,
+        allow_45_degree=allow_45_degree, diagonal_threshold_reduction=diagonal_threshold_reduction,
+        allow_circles=allow_circles, circle_threshold=circle_threshold,
+    )
+    kept[gdf.geometry.name] = gpd.GeoSeries(out_geoms, index=kept.index, crs=gdf.crs)
+    kept.attrs["regularize"] = _counts(gdf, kept, usable, accepted)
+    return kept
 
-    work_crs, to_work, to_source = _working_crs(gdf.crs, inputs)
+
+def _regularize_geoms(
+    inputs: np.ndarray,
+    crs: Any,
+    *,
+    min_iou: float,
+    tolerance_m: float,
+    parallel_threshold_m: float,
+    workers: int,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Regularized geometry per input (in ``crs``), and where it was accepted.
+
+    ``inputs`` are clean polygons (:func:`_clean`) in ``crs``; tolerances are in metres,
+    converted to units of the working CRS (:func:`_working_crs`); ``options`` go to the
+    library as they are. Where the result is rejected (below ``min_iou``, unusable, or
+    broken by the reprojection back) the input geometry is returned and ``accepted`` is
+    False.
+    """
+    work_crs, to_work, to_source = _working_crs(crs, inputs)
     work_inputs = to_work(inputs)
-    units = lambda metres: metres_to_crs_units(work_crs, metres)  # noqa: E731
     regularized = _run_library(
         work_inputs,
         work_crs,
-        parallel_threshold=units(parallel_threshold_m),
-        simplify_tolerance=units(tolerance_m),
-        allow_45_degree=allow_45_degree,
-        diagonal_threshold_reduction=diagonal_threshold_reduction,
-        allow_circles=allow_circles,
-        circle_threshold=circle_threshold,
+        parallel_threshold=metres_to_crs_units(work_crs, parallel_threshold_m),
+        simplify_tolerance=metres_to_crs_units(work_crs, tolerance_m),
         num_cores=workers,
+        **options,
     )
     accepted = _accept(regularized, work_inputs, min_iou)
     out_geoms = np.where(accepted, to_source(regularized, accepted), inputs)
     accepted &= _usable(out_geoms)  # reprojection back can, rarely, break validity
-    out_geoms = np.where(accepted, out_geoms, inputs)
+    return np.where(accepted, out_geoms, inputs), accepted
 
-    kept[gdf.geometry.name] = gpd.GeoSeries(out_geoms, index=kept.index, crs=gdf.crs)
-    kept.attrs["regularize"] = {
+
+def _counts(
+    gdf: gpd.GeoDataFrame, kept: gpd.GeoDataFrame, usable: np.ndarray, accepted: np.ndarray
+) -> dict[str, Any]:
+    """``attrs["regularize"]``: row counts and index labels (see the module docstring)."""
+    return {
         "input": int(len(gdf)),
         "regularized": int(accepted.sum()),
         "fallback": int((~accepted).sum()),
@@ -132,7 +160,6 @@ def regularize_buildings(
         "fallback_index": kept.index[~accepted].tolist(),
         "dropped_index": gdf.index[~usable].tolist(),
     }
-    return kept
 
 
 def _check_frame(gdf: Any) -> None:

@@ -65,6 +65,7 @@ import shapely
 from affine import Affine
 
 from sam_geo.errors import ConfigError
+from sam_geo.settings import DEFAULT_MATCH_IOU
 from sam_geo.geo.tiles import PixelBox, Tile
 
 __all__ = [
@@ -83,12 +84,6 @@ __all__ = [
 
 TOP, LEFT, BOTTOM, RIGHT = 1, 2, 4, 8
 """Bits of :attr:`Piece.edges`: sides of a tile's read window."""
-
-DEFAULT_MATCH_IOU = 0.6
-"""IoU inside the shared zone of two read windows above which two pieces are one object.
-
-Above 0.5 so that a part of an object (half a roof) does not match the whole object,
-whose IoU with it is about its share of the area."""
 
 DEFAULT_NMS_IOU = 0.7
 """Final duplicate suppression: polygon IoU above which the lower-scored object goes."""

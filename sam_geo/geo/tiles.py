@@ -31,12 +31,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from sam_geo.errors import ConfigError
-
-DEFAULT_TILE_SIZE = 1024
-"""Default read-window size in pixels: the native input size of SAM's image encoder."""
-
-DEFAULT_OVERLAP = 128
-"""Default halo in pixels on each interior side of a tile."""
+from sam_geo.settings import DEFAULT_OVERLAP, DEFAULT_TILE_SIZE
 
 ZOOMS = (1, 2, 4)
 """Allowed zoom factors: model pixels per scene pixel (upsampling for small objects)."""

@@ -26,6 +26,8 @@ import geopandas
 import numpy as np
 import pyproj
 import rasterio.features
+import scipy.sparse
+import scipy.sparse.csgraph
 from rasterio.errors import NotGeoreferencedWarning
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
@@ -250,21 +252,23 @@ def _merge_overlapping(parts: list[Polygon]) -> list[Polygon]:
 
 
 def _connected_groups(n: int, left: np.ndarray, right: np.ndarray) -> list[list[int]]:
-    """Connected components of ``n`` nodes joined by edges ``left[i]``--``right[i]``."""
-    parent = list(range(n))
+    """Connected components of ``n`` nodes joined by edges ``left[i]``--``right[i]``.
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in zip(left.tolist(), right.tolist()):
-        parent[root(a)] = root(b)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
-    return list(groups.values())
+    Computed with :func:`scipy.sparse.csgraph.connected_components` on the undirected
+    graph. Each group lists its node indices in ascending order, groups are ordered by
+    their smallest node, and a node without edges is a group of its own; ``n == 0``
+    gives ``[]``.
+    """
+    if n == 0:
+        return []
+    edges = np.ones(len(left), dtype=np.int8)
+    graph = scipy.sparse.coo_matrix((edges, (left, right)), shape=(n, n))
+    _count, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    order = np.argsort(labels, kind="stable")  # by group, ascending node index within
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    groups = [members.tolist() for members in np.split(order, bounds)]
+    groups.sort(key=lambda members: members[0])
+    return groups
 
 
 # --- areas in square metres -------------------------------------------------------------

@@ -20,6 +20,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from sam_geo.errors import OutputError, OutputExistsError, WriteError
+from sam_geo.io.atomic import atomic_path
 from sam_geo.io.scenes import SceneInfo
 
 LABELS_BLOCK = 512
@@ -45,7 +46,8 @@ def write_labels_raster(
     uint32, 0 = no object, tiled 512 x 512, deflate. Written one block at a time: each
     block rasterizes only the polygons an STRtree finds over it (pixel centres inside a
     polygon take its id; where objects overlap the smaller one wins), so memory does not
-    grow with the scene. Written to a temporary file beside ``path``, then renamed.
+    grow with the scene. Written atomically (:func:`sam_geo.io.atomic.atomic_path`): a
+    failed write leaves any previous file unchanged and no temporary file behind.
     """
     target = check_labels_path(path, overwrite=overwrite)
     geoms = gdf.geometry.to_numpy()
@@ -66,30 +68,39 @@ def write_labels_raster(
         "blockysize": LABELS_BLOCK,
         "compress": "deflate",
     }
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.tif")
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     try:
-        with rasterio.open(tmp, "w", **profile) as dst:
+        with atomic_path(target, suffix=".tif", overwrite=overwrite) as tmp, rasterio.open(tmp, "w", **profile) as dst:
             for window in _blocks(scene.height, scene.width, LABELS_BLOCK):
-                transform = rasterio.windows.transform(window, scene.transform)
-                hits = tree.query(_window_polygon(window, scene.transform), predicate="intersects")
-                hits = hits[np.argsort(rank[hits])]  # large first, small painted over them
-                block = np.zeros((int(window.height), int(window.width)), dtype=np.uint32)
-                if len(hits):
-                    block = rasterio.features.rasterize(
-                        zip(geoms[hits], ids[hits].tolist()),
-                        out_shape=block.shape,
-                        transform=transform,
-                        fill=0,
-                        dtype="uint32",
-                    )
-                dst.write(block, 1, window=window)
-        os.replace(tmp, target)
-    except (OSError, RasterioError) as exc:
-        tmp.unlink(missing_ok=True)
+                dst.write(_label_block(window, scene.transform, tree, geoms, ids, rank), 1, window=window)
+    except RasterioError as exc:  # OSErrors become WriteError in atomic_path
         raise WriteError(f"cannot write labels raster {target}: {exc}; check free space and permissions") from exc
     return target
+
+
+def _label_block(
+    window: Window,
+    scene_transform: Affine,
+    tree: shapely.STRtree,
+    geoms: np.ndarray,
+    ids: np.ndarray,
+    rank: np.ndarray,
+) -> np.ndarray:
+    """uint32 labels of one block: ``ids`` of the polygons over it, smaller ones on top.
+
+    ``rank`` orders the polygons by decreasing area; pixels whose centre no polygon
+    covers are 0.
+    """
+    transform = rasterio.windows.transform(window, scene_transform)
+    hits = tree.query(_window_polygon(window, scene_transform), predicate="intersects")
+    hits = hits[np.argsort(rank[hits])]  # large first, small painted over them
+    shape = (int(window.height), int(window.width))
+    if not len(hits):
+        return np.zeros(shape, dtype=np.uint32)
+    return rasterio.features.rasterize(
+        zip(geoms[hits], ids[hits].tolist()), out_shape=shape, transform=transform, fill=0, dtype="uint32"
+    )
 
 
 def _blocks(height: int, width: int, size: int) -> Iterator[Window]:

@@ -35,13 +35,13 @@ import numpy as np
 import pandas as pd
 import shapely
 from affine import Affine
-from pyproj import CRS
+from pyproj import CRS, Transformer
 
 from sam_geo.errors import CRSError, PromptError
+from sam_geo.settings import PROMPT_AS as PROMPT_MODES
+from sam_geo.settings import PromptAs as PromptMode
 from sam_geo.geo.tiles import PixelBox, Tile, TileGrid
 
-PromptMode = Literal["auto", "point", "box", "box+point", "mask"]
-PROMPT_MODES: tuple[str, ...] = ("auto", "point", "box", "box+point", "mask")
 
 MASK_BOX_GROW = 0.25
 """How much ``mask`` prompts grow their box (fraction of its longer side): outdated
@@ -584,21 +584,15 @@ def add_group_points(
 
     Box prompts keep their box (and surface point, if any) and gain every point of the
     group; point-only prompts get exactly the group's points, positive and negative.
+    All points of the batch are reprojected in one call (no per-prompt transform).
     """
     if len(batch) == 0:
         return batch
-    transformer = None
-    if not CRS.from_user_input(group.crs).equals(CRS.from_user_input(scene_crs)):
-        from pyproj import Transformer
-
-        transformer = Transformer.from_crs(group.crs, scene_crs, always_xy=True)
-    inverse = ~scene_transform
+    empty = (np.zeros((0, 2)), np.zeros(0, np.int32))
+    found = [group.points.get(int(batch.index[k]), empty) for k in range(len(batch))]
+    pixels = _group_pixels([xy for xy, _ in found], group.crs, scene_crs, scene_transform)
     per_prompt: list[tuple[np.ndarray, np.ndarray]] = []
-    for k in range(len(batch)):
-        xy, lab = group.points.get(int(batch.index[k]), (np.zeros((0, 2)), np.zeros(0, np.int32)))
-        if len(xy) and transformer is not None:
-            xy = np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
-        pixel = _apply_affine(inverse, xy) if len(xy) else xy
+    for k, (pixel, (_, lab)) in enumerate(zip(pixels, found)):
         if batch.has_box[k]:
             own = batch.labels[k] >= 0
             pixel = np.concatenate([batch.points[k][own], pixel])
@@ -611,3 +605,21 @@ def add_group_points(
         points[k, : len(lab)] = xy
         labels[k, : len(lab)] = lab
     return batch.replace(points=points, labels=labels)
+
+
+def _group_pixels(
+    coords: list[np.ndarray], crs: Any, scene_crs: CRS | str, scene_transform: Affine
+) -> list[np.ndarray]:
+    """Each ``(k, 2)`` array of ``x, y`` in ``crs`` as scene pixels (col, row), same split.
+
+    The arrays are stacked and reprojected with one :class:`pyproj.Transformer` call
+    (``always_xy``; skipped when the CRSs are equal), then mapped through the inverse
+    of ``scene_transform`` and split back. Empty arrays stay empty.
+    """
+    sizes = [len(xy) for xy in coords]
+    xy = np.concatenate([np.asarray(c, dtype=np.float64).reshape(-1, 2) for c in coords] or [np.zeros((0, 2))])
+    if len(xy) and not CRS.from_user_input(crs).equals(CRS.from_user_input(scene_crs)):
+        transformer = Transformer.from_crs(crs, scene_crs, always_xy=True)
+        xy = np.column_stack(transformer.transform(xy[:, 0], xy[:, 1]))
+    pixel = _apply_affine(~scene_transform, xy) if len(xy) else xy
+    return np.split(pixel, np.cumsum(sizes)[:-1])

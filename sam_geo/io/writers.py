@@ -4,12 +4,12 @@ The format follows the output path's suffix (see :data:`SUPPORTED_SUFFIXES`). Ca
 :func:`check_output_path` when a run starts so a bad path fails before hours of work,
 then :func:`write_vector` at the end.
 
-Every write goes to a hidden temporary file next to the target
-(``.<name>.<random>.tmp<suffix>``), is flushed to disk, then renamed onto the target with
-:func:`os.replace`. A failed or interrupted write therefore never leaves a half-written
-target: the previous file, if any, stays byte-for-byte as it was, and the temporary file
-is removed (only a hard kill, e.g. SIGKILL, can leave one behind; its name starts with a
-dot and contains ``.tmp``).
+Every write goes through :func:`sam_geo.io.atomic.atomic_path`: a hidden temporary
+file next to the target (``.<name>.<random>.tmp<suffix>``), flushed to disk, then
+renamed onto the target with :func:`os.replace`. A failed or interrupted write therefore
+never leaves a half-written target: the previous file, if any, stays byte-for-byte as it
+was, and the temporary file is removed (only a hard kill, e.g. SIGKILL, can leave one
+behind; its name starts with a dot and contains ``.tmp``).
 
 Per format:
 
@@ -38,10 +38,8 @@ nullable booleans or integers; missing values are written as nulls.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,8 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from sam_geo.errors import CRSError, OutputError, OutputExistsError, SamGeoError, WriteError
+from sam_geo.errors import CRSError, OutputError, OutputExistsError, SamGeoError
+from sam_geo.io.atomic import atomic_path, exists_message, write_error
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,11 @@ SUPPORTED_SUFFIXES: dict[str, str] = {
 #: Decimals kept in GeoJSON coordinates (degrees): 1e-7 degree <= 1.1 cm on the ground.
 GEOJSON_DECIMALS = 7
 
-# Files SQLite/GDAL may create next to a GeoPackage while writing it.
-_SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm")
+# Advice of a WriteError for a failure that is not an OSError (a driver refusing the data).
+_FORMAT_ADVICE = (
+    "the data could not be stored in this format; write another one (.gpkg, .parquet "
+    "or .geojson), and report it if it looks like a bug"
+)
 
 
 # --- path checks ------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def check_output_path(
     if target.is_dir():
         raise OutputError(f"output path {str(target)!r} is a directory; give a file name")
     if target.exists() and not overwrite:
-        raise OutputExistsError(_exists_message(target))
+        raise OutputExistsError(exists_message(target))
     return target
 
 
@@ -160,14 +162,6 @@ def _format_for(path: Path) -> str:
             f"cannot write {str(path)!r}: unsupported suffix {suffix or '(none)'!r}; "
             f"use one of {supported}"
         ) from None
-
-
-def _exists_message(target: Path) -> str:
-    """Error message for a refused overwrite."""
-    return (
-        f"output {str(target)!r} already exists; pass --overwrite (overwrite=True) to "
-        "replace it, or choose another output path"
-    )
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -205,17 +199,13 @@ def write_vector(
     target = check_output_path(path, overwrite=overwrite)
     fmt = _format_for(target)
     layer_name = _layer_name(layer, target)
-    tmp = _temp_path(target)
     try:
-        _WRITERS[fmt](gdf, tmp, layer_name)
-        _fsync_file(tmp)
-        _publish(tmp, target, overwrite=overwrite)
-        _fsync_dir(target.parent)
-    except BaseException as exc:
-        _remove_temp(tmp)
-        if isinstance(exc, Exception) and not isinstance(exc, SamGeoError):
-            raise _write_error(target, exc) from exc
+        with atomic_path(target, suffix=target.suffix, overwrite=overwrite) as tmp:
+            _WRITERS[fmt](gdf, tmp, layer_name)
+    except SamGeoError:
         raise
+    except Exception as exc:  # driver errors (not OSError): atomic_path wrapped those
+        raise write_error(target, exc, _FORMAT_ADVICE) from exc
     return target
 
 
@@ -246,15 +236,6 @@ def _layer_name(layer: str | None, target: Path) -> str:
     if not isinstance(layer, str) or not layer.strip():
         raise OutputError(f"layer name must be a non-empty string, got {layer!r}")
     return layer
-
-
-def _temp_path(target: Path) -> Path:
-    """Unused hidden temp path next to ``target``, ending with the target's suffix."""
-    while True:
-        name = f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}"
-        tmp = target.with_name(name)
-        if not tmp.exists():
-            return tmp
 
 
 def _write_geojson(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
@@ -423,81 +404,3 @@ def _nullable_dtype(column: pd.Series) -> str | None:
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return "Int64"
     return None
-
-
-# --- atomic publication -----------------------------------------------------------------
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush ``path``'s data to disk."""
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry change (the rename) to disk; best effort, POSIX only."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, target: Path, *, overwrite: bool) -> None:
-    """Move the finished temp file onto ``target`` in one atomic step.
-
-    Without ``overwrite`` a hard link is used, which fails atomically if ``target``
-    appeared meanwhile (another process); where hard links are unsupported the existence
-    check and the rename are two steps.
-    """
-    if overwrite:
-        os.replace(tmp, target)
-        return
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        raise OutputExistsError(_exists_message(target)) from None
-    except OSError:  # no hard links on this file system
-        if target.exists():
-            raise OutputExistsError(_exists_message(target)) from None
-        os.replace(tmp, target)
-        return
-    _remove_temp(tmp)  # the target is published; a leftover link would be harmless
-
-
-def _remove_temp(tmp: Path) -> None:
-    """Delete the temp file and any SQLite sidecars; never raises."""
-    for path in (tmp, *(Path(f"{tmp}{s}") for s in _SIDECAR_SUFFIXES)):
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-def _write_error(target: Path, exc: Exception) -> WriteError:
-    """WriteError for a failed write of ``target``, with advice, keeping errno."""
-    code = getattr(exc, "errno", None)
-    if code == errno.ENOSPC:
-        advice = f"the disk holding {str(target.parent)!r} is full; free space and retry"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        advice = f"check write permission on {str(target.parent)!r} and retry"
-    elif isinstance(exc, OSError):
-        advice = "check free disk space and permissions, then retry"
-    else:
-        advice = (
-            "the data could not be stored in this format; write another one (.gpkg, .parquet "
-            "or .geojson), and report it if it looks like a bug"
-        )
-    error = WriteError(
-        f"writing {str(target)!r} failed ({type(exc).__name__}: {exc}); {advice}. "
-        "Any previous file at that path is unchanged."
-    )
-    error.errno = code
-    return error

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_TEXT_MODEL",
     "Detections",
     "TextDetector",
+    "require_transformers",
 ]
 
 DEFAULT_TEXT_MODEL = "google/owlv2-base-patch16-ensemble"
@@ -56,6 +57,29 @@ scores run much lower than Grounding DINO's (the thresholds of their model cards
 
 DEFAULT_NMS_IOU = 0.5
 """Boxes of one phrase overlapping a higher-scoring one by more than this IoU are dropped."""
+
+
+def require_transformers() -> None:
+    """Check that ``transformers`` imports (only text prompts need it), e.g. on the
+    driver before any tile runs.
+
+    Raises:
+        ConfigError: it is not installed or fails to import; the message says to
+            ``pip install "sam-geo[text]"``.
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise _transformers_missing(exc) from exc
+
+
+def _transformers_missing(exc: ImportError) -> ConfigError:
+    """The error for a missing ``transformers``: what needs it and how to install it."""
+    return ConfigError(
+        "text prompts need the transformers package (the grounding detectors come from it), which the core "
+        'install of sam-geo leaves out: pip install "sam-geo[text]" (in a checkout: pip install -e ".[text]"). '
+        f"Import error: {exc}"
+    )
 
 
 class Detections(NamedTuple):
@@ -108,9 +132,13 @@ class TextDetector:
 
         Raises:
             WeightsNotFoundError: the model cannot be found or fetched.
-            ConfigError: it is not an OWLv2 or Grounding DINO checkpoint.
+            ConfigError: it is not an OWLv2 or Grounding DINO checkpoint, or
+                ``transformers`` is not installed (``pip install "sam-geo[text]"``).
         """
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+        try:
+            from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+        except ImportError as exc:
+            raise _transformers_missing(exc) from exc
 
         kwargs.setdefault("local_files_only", not downloads_allowed())
         try:
@@ -136,7 +164,10 @@ class TextDetector:
     @classmethod
     def from_config(cls, config: Any, processor: Any, device: str | torch.device = "cpu") -> TextDetector:
         """A randomly initialised detector from a ``transformers`` config (tests)."""
-        from transformers import AutoModelForZeroShotObjectDetection
+        try:
+            from transformers import AutoModelForZeroShotObjectDetection
+        except ImportError as exc:
+            raise _transformers_missing(exc) from exc
 
         return cls(AutoModelForZeroShotObjectDetection.from_config(config), processor, device=device)
 

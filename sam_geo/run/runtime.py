@@ -7,10 +7,10 @@ pixels; results are polygons as WKB.
 
 Keeping the model busy: on a GPU every actor is a threaded actor with several tasks in
 flight (:func:`tasks_per_actor`: ``encode_batch + 1``);
-:class:`~sam_geo.engine.TileSegmenter` serialises model calls with a lock, so one task's
+:class:`~sam_geo.run.host.ModelHost` serialises model calls with a lock, so one task's
 window read and vectorization overlap another's encoder and decoder work, and the tiles
 of several tasks go through the image encoder in one batch
-(:class:`~sam_geo.engine.EncodeBatcher`). On CPU an actor runs one task at a time: its
+(:class:`~sam_geo.run.host.EncodeBatcher`). On CPU an actor runs one task at a time: its
 torch threads already use every core it has, so there is nothing to overlap with, and a
 second Python thread reading or vectorizing holds the GIL that each of the decoder's
 many small torch calls needs (measured: the decoder ran 40-55 % slower inside the
@@ -22,8 +22,8 @@ Fault tolerance, in two layers:
   (``max_restarts`` / ``max_task_retries`` = :data:`MAX_RESTARTS`);
 * the scheduling loop here replaces an actor that is gone for good (killed, or out of
   restarts) and resubmits its tasks, and retries a task that raised up to
-  ``RuntimeOptions.retries`` times; a tile that keeps failing comes back as a
-  :class:`~sam_geo.engine.TileResult` with ``error`` set, and the job goes on.
+  ``Settings.retries`` times; a tile that keeps failing comes back as a
+  :class:`~sam_geo.run.tasks.TileResult` with ``error`` set, and the job goes on.
 
 Ray is started embedded on the local machine unless ``address`` names a cluster
 (``"auto"`` joins the cluster this machine belongs to, as started by ``ray start``).
@@ -36,13 +36,14 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from sam_geo.engine import EngineConfig, TileResult, TileSegmenter
+from sam_geo.run.host import GPU_ENCODE_BATCH, HostConfig, ModelHost
+from sam_geo.run.tasks import TileResult, TileTask
+from sam_geo.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,34 +54,14 @@ TASKS_PER_ACTOR = 2
 """Fewest tasks in flight per GPU actor: one using the model, one reading or vectorizing."""
 
 
-def tasks_per_actor(config: EngineConfig, on_gpu: bool) -> int:
+def tasks_per_actor(config: HostConfig, on_gpu: bool) -> int:
     """Tasks in flight per actor. On a GPU: enough to fill an encoder batch while one
     more task reads or vectorizes (``encode_batch + 1``), at least
     :data:`TASKS_PER_ACTOR`. On CPU: 1 (see the module docstring for why)."""
-    from sam_geo.engine import GPU_ENCODE_BATCH
-
     if not on_gpu:
         return 1
     encode_batch = config.encode_batch or GPU_ENCODE_BATCH
     return max(TASKS_PER_ACTOR, encode_batch + 1)
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """Where and how wide to run.
-
-    ``workers``: number of model actors (None: one per GPU, or 1 on CPU; 0: no Ray, run
-    in this process, for debugging); ``address``: Ray cluster address or None for an
-    embedded local Ray; ``progress``: a progress bar over tiles on stderr; ``retries``:
-    how often a failed tile is tried again; ``on_result``: called on the driver with
-    each result once it is stored (a hook for tests and notebooks).
-    """
-
-    workers: int | None = None
-    address: str | None = None
-    progress: bool = True
-    retries: int = 2
-    on_result: Callable[[TileResult], None] | None = None
 
 
 class RunTimer:
@@ -94,20 +75,20 @@ class RunTimer:
 
 
 def run_tiles(
-    tasks: list[Any],
-    config: EngineConfig,
-    options: RuntimeOptions,
+    tasks: list[TileTask],
+    config: HostConfig,
+    settings: Settings,
     timer: RunTimer,
 ) -> Iterator[TileResult]:
     """Run ``tasks`` and yield one result per task as they finish (in no order).
 
-    A task that failed ``options.retries + 1`` times yields a result with ``error``.
+    A task that failed ``settings.retries + 1`` times yields a result with ``error``.
     """
     if not tasks:
         return
-    runner = _run_in_process if options.workers == 0 else _run_on_ray
-    with _progress(len(tasks), options.progress) as bar:
-        for result in runner(tasks, config, options, timer):
+    runner = _run_in_process if settings.workers == 0 else _run_on_ray
+    with _progress(len(tasks), settings.progress) as bar:
+        for result in runner(tasks, config, settings, timer):
             bar.update(1)
             yield result
 
@@ -126,26 +107,26 @@ def _reason(exc: BaseException) -> str:
 
 
 def _run_in_process(
-    tasks: list[Any], config: EngineConfig, options: RuntimeOptions, timer: RunTimer
+    tasks: list[TileTask], config: HostConfig, settings: Settings, timer: RunTimer
 ) -> Iterator[TileResult]:
     start = time.perf_counter()
-    segmenter = TileSegmenter(config)
+    host = ModelHost(config)
     timer.add("startup", time.perf_counter() - start)
     try:
         for task in tasks:
-            for attempt in range(1, options.retries + 2):
+            for attempt in range(1, settings.retries + 2):
                 try:
-                    result = segmenter.run(task)
+                    result = host.run(task)
                 except Exception as exc:  # any failure of one tile is recorded, not fatal
                     log.warning("tile %s failed (attempt %d): %s", task.key, attempt, _reason(exc))
-                    if attempt > options.retries:
+                    if attempt > settings.retries:
                         yield _failed(task, _reason(exc), attempt)
                 else:
                     result.attempts = attempt
                     yield result
                     break
     finally:
-        segmenter.close()
+        host.close()
 
 
 def ensure_ray(address: str | None) -> None:
@@ -171,16 +152,16 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
 
     @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, max_concurrency=TASKS_PER_ACTOR)
     class SamActor:
-        """A Ray actor holding one :class:`TileSegmenter` (one model)."""
+        """A Ray actor holding one :class:`ModelHost` (one model)."""
 
-        def __init__(self, config: EngineConfig) -> None:
-            self.segmenter = TileSegmenter(config)
+        def __init__(self, config: HostConfig) -> None:
+            self.host = ModelHost(config)
 
         def ready(self) -> bool:
             return True
 
         def run(self, task: Any) -> TileResult:
-            return self.segmenter.run(task)
+            return self.host.run(task)
 
     return SamActor
 
@@ -188,14 +169,14 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
 class _ActorFleet:
     """Model actors, replaced when one is gone for good."""
 
-    def __init__(self, workers: int, config: EngineConfig, gpus: int, cpus: int) -> None:
+    def __init__(self, workers: int, config: HostConfig, gpus: int, cpus: int) -> None:
         if gpus:
             self.options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
             self.config = config
         else:
             threads = config.threads or max(1, cpus // workers)
             self.options = {"num_cpus": 1}
-            self.config = EngineConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
+            self.config = HostConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
         self.tasks_per_actor = tasks_per_actor(self.config, gpus > 0)
         self.options["max_concurrency"] = self.tasks_per_actor
         self.run_id = uuid.uuid4().hex[:8]
@@ -224,16 +205,16 @@ class _ActorFleet:
 
 
 def _run_on_ray(
-    tasks: list[Any], config: EngineConfig, options: RuntimeOptions, timer: RunTimer
+    tasks: list[TileTask], config: HostConfig, settings: Settings, timer: RunTimer
 ) -> Iterator[TileResult]:
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     start = time.perf_counter()
-    ensure_ray(options.address)
+    ensure_ray(settings.address)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    workers = min(options.workers or max(gpus, 1), len(tasks))
+    workers = min(settings.workers or max(gpus, 1), len(tasks))
     fleet = _ActorFleet(workers, config, gpus, cpus)
     fleet.wait_ready()
     timer.add("startup", time.perf_counter() - start)
@@ -259,13 +240,13 @@ def _run_on_ray(
                 result = ray.get(ready[0])
             except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
                 fleet.replace(slot, actor)
-                if attempts[index] > options.retries:
+                if attempts[index] > settings.retries:
                     yield _failed(tasks[index], f"worker died: {_reason(exc)}", attempts[index])
                 else:
                     pending.appendleft((index, tasks[index]))
             except Exception as exc:  # the task raised: retry, then record
                 log.warning("tile %s failed (attempt %d): %s", tasks[index].key, attempts[index], _reason(exc))
-                if attempts[index] > options.retries:
+                if attempts[index] > settings.retries:
                     yield _failed(tasks[index], _reason(exc), attempts[index])
                 else:
                     pending.append((index, tasks[index]))

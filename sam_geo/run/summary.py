@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from sam_geo.io.atomic import write_bytes_atomic
 
 STAGES = ("startup", "read", "encode", "decode", "vectorize", "write", "total")
 
@@ -92,22 +93,17 @@ class RunSummary:
 
 
 def write_json_atomic(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` as indented UTF-8 JSON: temp file in the same directory, fsync, rename.
+    """Write ``data`` as indented UTF-8 JSON, atomically; return the path.
 
-    A failure leaves any previous file unchanged and no temporary file behind.
+    Via :func:`sam_geo.io.atomic.write_bytes_atomic` (temp file in the same directory,
+    fsync, rename): a failure leaves any previous file unchanged and no temporary file
+    behind. NumPy scalars are written as numbers, other non-JSON values as text.
+
+    Raises:
+        WriteError: the file could not be written (disk full, permissions).
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False, default=_json_default)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=_json_default)
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _json_default(value: Any) -> Any:

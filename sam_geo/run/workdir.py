@@ -5,9 +5,10 @@ Layout of ``--work-dir DIR``::
     DIR/manifest.json          {"format": 1, "fingerprint": {...}}
     DIR/tiles/<task key>.pkl   one finished tile's result (polygons as WKB, counts, seconds)
 
-A tile is *done* exactly when its result file exists: the file is written to a temporary
-name, flushed to disk (fsync) and renamed, so a killed run leaves either the whole
-result or nothing, and a tile done twice (a retried task) is written once.
+A tile is *done* exactly when its result file exists: the file is written atomically
+(:func:`sam_geo.io.atomic.write_bytes_atomic`: temporary name, fsync, rename), so a
+killed run leaves either the whole result or nothing, and a tile done twice (a retried
+task) is written once.
 
 The fingerprint records what the results depend on (sam-geo version, model and weights
 sha256, settings, scenes with size and modification time, prompts). Reusing a work
@@ -22,11 +23,11 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sam_geo.errors import ConfigError, WriteError
+from sam_geo.errors import ConfigError
+from sam_geo.io.atomic import write_bytes_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -69,7 +70,7 @@ class WorkDir:
                     "give an empty or new directory"
                 )
             self.path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(manifest, json.dumps({"format": FORMAT, "fingerprint": fingerprint}, indent=2).encode())
+            write_bytes_atomic(manifest, json.dumps({"format": FORMAT, "fingerprint": fingerprint}, indent=2).encode())
         self.tiles.mkdir(exist_ok=True)
 
     def _check(self, manifest: Path, fingerprint: dict[str, Any]) -> None:
@@ -100,20 +101,4 @@ class WorkDir:
         """Store a finished tile durably; an existing result for ``key`` is kept."""
         if self.done(key):
             return
-        _atomic_write(self._file(key), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise WriteError(f"cannot write {target}: {exc}") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_bytes_atomic(self._file(key), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))

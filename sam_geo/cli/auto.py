@@ -1,0 +1,50 @@
+"""``sam-geo auto``: every object of the scenes, without prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sam_geo.cli import options
+from sam_geo.cli.reports import report_auto, summary_of
+
+COMMAND = "auto"
+
+
+@click.command(COMMAND)
+@click.argument("scenes", nargs=-1, required=True)
+@options.auto_options(COMMAND)
+@click.option("--labels-raster", type=click.Path(dir_okay=False), default=None,
+              help="Also write an instance-label GeoTIFF: uint32, 0 = no object, else the object_id.")
+@options.output_options
+@options.model_options(COMMAND)
+@options.scene_options(COMMAND)
+@options.tile_options(COMMAND)
+@options.outline_options(COMMAND)
+@options.run_options(COMMAND)
+@options.work_dir_options
+@options.config_option
+def auto(**params: Any) -> None:
+    """Segment every object in SCENES automatically (no prompts): one polygon per object.
+
+    SCENES are paths or URLs rasterio opens, globs, or .txt files listing them; several
+    scenes give one merged output with a `scene` column. Each tile is prompted with a
+    grid of points; objects cut by tile edges are stitched across tiles, so the result
+    does not depend on --tile-size and --overlap. Rows carry object_id, score,
+    stability, area_m2 and n_tiles.
+    """
+    settings = options.settings_from_cli(params, COMMAND)
+    from sam_geo import segment_auto
+
+    gdf = segment_auto(
+        list(params["scenes"]),
+        output=params["output"],
+        overwrite=params["overwrite"],
+        summary_path=params["summary_path"],
+        work_dir=params["work_dir"],
+        restart=params["restart"],
+        labels_raster=params["labels_raster"],
+        settings=settings,
+    )
+    report_auto(summary_of(gdf))

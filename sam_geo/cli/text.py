@@ -1,0 +1,46 @@
+"""``sam-geo text``: every object matching text phrases, found by a grounding detector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sam_geo.cli import options
+from sam_geo.cli.reports import report_prompted, summary_of
+
+COMMAND = "text"
+
+
+@click.command(COMMAND, short_help="Outline every object matching text phrases over a whole scene.")
+@click.argument("scene", type=str)
+@click.argument("phrases", nargs=-1, required=True)
+@options.text_options(COMMAND)
+@options.output_options
+@options.model_options(COMMAND)
+@options.scene_options(COMMAND)
+@options.tile_options(COMMAND)
+@options.outline_options(COMMAND)
+@options.run_options(COMMAND)
+@options.work_dir_options
+@options.config_option
+def text(**params: Any) -> None:
+    """Outline every object matching PHRASES (e.g. "swimming pool") over a whole SCENE.
+
+    A grounding detector finds boxes per tile; SAM segments each box. Output rows carry
+    the phrase, the detector's score, SAM's score and the area.
+    """
+    settings = options.settings_from_cli(params, COMMAND)
+    from sam_geo import segment_text
+
+    gdf = segment_text(
+        [params["scene"]],
+        list(params["phrases"]),
+        output=params["output"],
+        overwrite=params["overwrite"],
+        summary_path=params["summary_path"],
+        work_dir=params["work_dir"],
+        restart=params["restart"],
+        settings=settings,
+    )
+    report_prompted(summary_of(gdf))

@@ -1,0 +1,370 @@
+"""The model host: what runs inside a model actor (or in-process with ``workers=0``).
+
+:class:`ModelHost` holds one model (built once from a :class:`HostConfig`), the open
+datasets of the scenes it reads, and a lock so that tasks sharing the actor take turns
+on the model. A :class:`~sam_geo.run.tasks.TileTask` runs on it through
+:meth:`ModelHost.run`; the task's mode decides what to do with the window (read it,
+encode it once, decode prompts, vectorize) using the host's methods.
+
+Decoding uses the backend's prompt encoder and mask decoder in batches of
+``batch_size`` prompts against the tile's one image embedding; masks are upsampled from
+SAM's 256 x 256 low-resolution logits only over each prompt's crop (bilinear, as SAM's
+``postprocess_masks``), so memory per batch does not grow with the tile size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.env
+import shapely
+import torch
+from affine import Affine
+
+from sam_geo.geo.tiles import Tile
+from sam_geo.geo.vectorize import mask_to_geometry
+from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.scenes import SceneInfo, Stretch, WindowRead, read_window
+from sam_geo.model.masks import crop_for_prompt, upsample_crop
+from sam_geo.model.sam_backend import SamBackend, build_backend, resolve_device, resolve_precision
+from sam_geo.run.tasks import PromptResult, TileResult, TileTask
+
+CPU_HEAP_KEEP_MB = 1024
+"""Freed memory (MiB) that glibc's allocator keeps for reuse in a CPU model process
+instead of handing it back to the kernel (see :func:`keep_freed_memory_for_reuse`)."""
+
+
+GPU_BATCH_SIZE = 64
+"""Prompts per mask-decoder call on CUDA, where batching pays."""
+
+
+CPU_BATCH_SIZE = 4
+"""Prompts per mask-decoder call on CPU: the decoder's per-prompt tensors over 4,096
+image tokens outgrow the caches in larger batches (MobileSAM, :func:`cpu_mask_decoder`,
+fp32, 2 AMD EPYC cores: boxes 32 / 20 / 22 / 27 ms per prompt at 1 / 4 / 8 / 16 per call;
+points with three masks 43 / 37 / 36 / 49 ms; ``benchmarks/decoder_batch.py``)."""
+
+
+GPU_ENCODE_BATCH = 4
+"""Tiles per image-encoder call on CUDA: the actor's task threads hand their tiles to one
+:class:`EncodeBatcher`, which runs them through the encoder together. On CPU the encoder
+is compute-bound at batch 1 already, so tiles are encoded one by one there."""
+
+
+ENCODE_BATCH_WAIT_S = 0.02
+"""Longest wait (seconds) for more tiles to fill an encoder batch once one tile is ready."""
+
+
+GDAL_CACHE_MB = 256
+"""GDAL block cache of a model actor, MiB (``SAM_GEO_GDAL_CACHE_MB`` overrides). GDAL's
+default is 5 % of the machine's memory, which an actor reading a large scene fills
+tile after tile; a fixed cap keeps an actor's memory independent of the scene size.
+Tiles are read once each, so a larger cache buys nothing."""
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """What a model actor needs to build its model (picklable)."""
+
+    model: str
+    weights: str
+    device: str = "cpu"
+    batch_size: int | None = None
+    """Prompts per decoder call; None: :data:`GPU_BATCH_SIZE` on CUDA, else :data:`CPU_BATCH_SIZE`."""
+    threads: int | None = None
+    multimask: bool = False
+    """Ask SAM for three masks for every prompt (not only single points); see choose_masks."""
+    detector: str | None = None
+    """Text detector name or folder (``sam-geo text``), loaded on first use."""
+    min_area: float = 0.0
+    """Smallest polygon part kept, in square CRS units of the scene."""
+    simplify: float | None = None
+    """Simplification tolerance in CRS units, or None."""
+    precision: str = "auto"
+    """Model arithmetic: ``fp32``, ``bf16`` or ``fp16`` (``torch.autocast``); ``auto``: bf16
+    on a CUDA GPU that supports it (else fp16), fp32 on CPU."""
+    encode_batch: int | None = None
+    """Tiles per image-encoder call; None: :data:`GPU_ENCODE_BATCH` on CUDA, 1 on CPU."""
+    decoder_context_px: int | None = None
+    """CPU mask decoder (SAM and MobileSAM): each box prompt's decoder attends to a square
+    of this many model pixels a side around its box (at least the box's mask window),
+    not the whole tile; None or 0: the whole tile, SAM's own outputs. No effect on CUDA
+    or on point-only prompts."""
+
+
+@contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class EncodeBatcher:
+    """Gathers the tiles an actor's task threads want encoded into image-encoder batches.
+
+    A thread calling :meth:`encode` blocks until its tile's embedding is ready. One
+    background thread takes the first waiting tile, waits up to ``max_wait_s`` seconds
+    for more (at most ``max_batch`` in all) and encodes them in one call of
+    ``encode_many``; an exception is handed to every caller of that batch.
+    """
+
+    def __init__(
+        self,
+        encode_many: Any,
+        max_batch: int,
+        max_wait_s: float = ENCODE_BATCH_WAIT_S,
+    ) -> None:
+        self._encode_many = encode_many
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.batch_sizes: list[int] = []
+        """Sizes of the batches run so far (for tests and benchmarks)."""
+        self._queue: queue.Queue[tuple[np.ndarray, Future[Any]]] = queue.Queue()
+        threading.Thread(target=self._loop, name="sam-geo-encoder", daemon=True).start()
+
+    def encode(self, rgb: np.ndarray) -> Any:
+        future: Future[Any] = Future()
+        self._queue.put((rgb, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            self.batch_sizes.append(len(batch))
+            try:
+                outputs = self._encode_many([rgb for rgb, _ in batch])
+            except BaseException as exc:  # handed to the callers, who raise it
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for (_, future), output in zip(batch, outputs):
+                future.set_result(output)
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc's ``malloc`` keep freed large blocks for reuse: serve blocks of up to
+    32 MiB (glibc's ceiling) from the heap rather than fresh ``mmap`` pages, and keep up
+    to :data:`CPU_HEAP_KEEP_MB` of freed heap instead of trimming it.
+
+    A CPU forward pass allocates and frees tensors of several MiB per layer; by default
+    each comes back as new zeroed pages (a page fault per 4 KiB). Measured with
+    MobileSAM's image encoder on a 1024 px tile, fp32, 2 AMD EPYC cores: 1.80-2.18 s
+    median per tile by default, 1.29-1.45 s with this (6 timed encodes per run, 2 runs
+    each way; README.md, "Allocator"). The process's peak memory stays about the same (``benchmarks/memory.py``);
+    its resident size stays near that peak between tiles.
+
+    Does nothing, and returns False, off glibc (macOS, Windows, musl) or where the
+    user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` themselves.
+    """
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, CPU_HEAP_KEEP_MB << 20))
+
+
+class ModelHost:
+    """Holds one model; segments the prompts of tiles handed to :meth:`run`."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.device = torch.device(resolve_device(config.device))
+        if self.device.type == "cpu":
+            keep_freed_memory_for_reuse()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", int(os.environ.get("SAM_GEO_GDAL_CACHE_MB", GDAL_CACHE_MB)))
+        self.backend = build_backend(config.model, Path(config.weights), self.device, multimask=config.multimask)
+        self._local = threading.local()  # dataset handles are per thread
+        self._all_datasets: list[rasterio.DatasetReader] = []
+        self._model_lock = threading.Lock()  # one model call at a time per actor
+        self._detector: Any = None
+        default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
+        self.batch_size = config.batch_size or default_batch
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
+        if self.device.type == "cpu" and isinstance(self.backend, SamBackend):
+            self.backend.use_cpu_decoder(self.autocast_dtype, config.decoder_context_px)
+        self.encode_batch = config.encode_batch or (GPU_ENCODE_BATCH if self.device.type == "cuda" else 1)
+        self._batcher = EncodeBatcher(self._encode_timed, self.encode_batch) if self.encode_batch > 1 else None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.backend.model
+
+    @property
+    def image_size(self) -> int:
+        return self.backend.image_size
+
+    def detector(self) -> Any:
+        """The text detector of ``config.detector``, loaded once per actor on first use."""
+        if self._detector is None:
+            from sam_geo.model.detector import TextDetector
+
+            if self.config.detector is None:
+                raise ValueError("this segmenter was built without a text detector")
+            self._detector = TextDetector.from_pretrained(self.config.detector, device=self.device)
+        return self._detector
+
+    @property
+    def model_lock(self) -> threading.Lock:
+        """Held around each model call, so tasks sharing this actor take turns on it."""
+        return self._model_lock
+
+    @contextmanager
+    def model_call(self) -> Iterator[None]:
+        """Hold the model (see :attr:`model_lock`) under the configured autocast precision."""
+        with self._model_lock, self._autocast():
+            yield
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def encode(
+        self, rgb: np.ndarray, seconds: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The tile's image embedding and resized (h, w); batched with other tasks'
+        tiles when ``encode_batch > 1`` (see :class:`EncodeBatcher`).
+
+        ``seconds["encode"]`` gains the encoder time of this tile (its share of a
+        batch), not the time spent waiting for the model or for a batch to fill.
+        """
+        if self._batcher is not None:
+            (embedding, input_hw), spent = self._batcher.encode(rgb)
+        else:
+            (embedding, input_hw), spent = self._encode_timed([rgb])[0]
+        if seconds is not None:
+            seconds["encode"] = seconds.get("encode", 0.0) + spent
+        return embedding, input_hw
+
+    def _encode_timed(self, rgbs: list[np.ndarray]) -> list[tuple[tuple[Any, tuple[int, int]], float]]:
+        """Encode tiles in one call; each output with its share of the call's seconds."""
+        with self.model_call():
+            start = time.perf_counter()
+            encode_many = getattr(self.backend, "encode_many", None)
+            outputs = encode_many(rgbs) if encode_many is not None else [self.backend.encode(r) for r in rgbs]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            share = (time.perf_counter() - start) / len(rgbs)
+        return [(output, share) for output in outputs]
+
+    def decode(
+        self,
+        embedding: Any,
+        input_hw: tuple[int, int],
+        tile_hw: tuple[int, int],
+        prompts: PromptBatch,
+        seconds: dict[str, float] | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Low-res logits (float32) and scores of a prompt batch, under the model lock;
+        ``seconds["decode"]`` gains the time the decoder ran (not the wait for it)."""
+        with self.model_call(), timed(seconds if seconds is not None else {}, "decode"):
+            logits, scores = self.backend.decode(embedding, input_hw, tile_hw, prompts)
+        return logits.float(), scores
+
+    # -- datasets ------------------------------------------------------------------
+
+    def _dataset(self, path: str) -> rasterio.DatasetReader:
+        """This thread's open handle on ``path`` (GDAL handles are not thread-safe)."""
+        datasets: dict[str, rasterio.DatasetReader] = self._local.__dict__.setdefault("datasets", {})
+        src = datasets.get(path)
+        if src is None or src.closed:
+            src = rasterio.open(path)
+            datasets[path] = src
+            self._all_datasets.append(src)
+        return src
+
+    def close(self) -> None:
+        for src in self._all_datasets:
+            src.close()
+        self._all_datasets.clear()
+
+    # -- one tile ------------------------------------------------------------------
+
+    def run(self, task: TileTask) -> TileResult:
+        """Run a tile task of any mode on this host's model."""
+        return task.execute(self)
+
+    def read(self, scene: SceneInfo, stretch: Stretch, tile: Tile) -> WindowRead:
+        """The tile's pixels as model-ready RGB plus its validity mask."""
+        out_shape = tile.shape if tile.scale != 1 else None
+        return read_window(self._dataset(scene.path), scene, stretch, tile.read_window, out_shape)
+
+    def decode_prompts(
+        self, window: WindowRead, tile: Tile, prompts: PromptBatch, seconds: dict[str, float]
+    ) -> list[PromptResult]:
+        """Encode the window once and decode ``prompts`` (tile pixels) against it.
+
+        Prompts go in batches of one kind (:func:`decode_batches`); each mask is
+        upsampled over its prompt's crop only, ANDed with the window's valid pixels and
+        vectorized on the tile's affine, so polygons come back in the scene CRS (WKB;
+        ``None`` for an empty mask). ``seconds`` gains encode, decode and vectorize.
+        """
+        embedding, input_hw = self.encode(window.rgb, seconds)
+        tile_hw = window.rgb.shape[:2]
+        out: list[PromptResult] = []
+        for part in decode_batches(prompts, self.batch_size):
+            logits, scores = self.decode(embedding, input_hw, tile_hw, part, seconds)
+            with timed(seconds, "vectorize"):
+                frame = self.backend.logits_frame(tile_hw, input_hw)
+                out += [self._polygon(part, k, logits[k], float(scores[k]), window, tile, frame) for k in range(len(part))]
+        return out
+
+    def _polygon(
+        self, prompts: PromptBatch, k: int, logits: torch.Tensor, score: float, window: WindowRead, tile: Tile,
+        frame: tuple[float, float],
+    ) -> PromptResult:
+        r0, c0, r1, c1 = crop_for_prompt(prompts, k, window.valid.shape)
+        mask = upsample_crop(logits, (r0, c0, r1, c1), frame) & window.valid[r0:r1, c0:c1]
+        geom = mask_to_geometry(
+            mask, tile.transform @ Affine.translation(c0, r0), min_area=self.config.min_area,
+            simplify=self.config.simplify,
+        )
+        return PromptResult(int(prompts.index[k]), score, None if geom is None else shapely.to_wkb(geom))
+
+
+def decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:
+    """Batches of at most ``size`` prompts that share one shape (box or not, point count).
+
+    SAM's prompt encoder takes one tensor per batch, and padding a box-only prompt with
+    a "not a point" token (or giving it an empty mask) would change its embedding, so
+    kinds (box or not, mask or not, point count) are never mixed. Point
+    arrays are trimmed to the group's point count.
+    """
+    n_points = (batch.labels >= 0).sum(axis=1)
+    kinds = np.stack([batch.has_box, batch.has_mask, n_points], axis=1)
+    for kind in np.unique(kinds, axis=0):
+        rows = np.flatnonzero((kinds == kind).all(axis=1))
+        group = batch.take(rows)
+        k = int(kind[2])
+        order = np.argsort(group.labels < 0, axis=1, kind="stable")[:, :k]
+        points = np.take_along_axis(group.points, order[..., None], axis=1)
+        labels = np.take_along_axis(group.labels, order, axis=1)
+        group = group.replace(points=points, labels=labels)
+        for start in range(0, len(group), size):
+            yield group.take(np.arange(start, min(start + size, len(group))))

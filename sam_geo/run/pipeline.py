@@ -1,0 +1,355 @@
+"""The one run skeleton every mode goes through (:func:`run_pipeline`).
+
+::
+
+    check outputs (refuse to overwrite; never onto an input)
+    open scenes (metadata only) -> check tiling -> mode.check -> resolve weights
+    mode.plan -> tile tasks (descriptors, no pixels)
+    work dir (resume: finished tiles are loaded, the rest run)
+    runtime: Ray model actors (or in-process) run the tasks, results stream back
+    failure policy: more failed tiles than ``max_failed_tiles`` -> RunError, no output
+    mode.assemble -> GeoDataFrame -> regularize (optional)
+    write (atomic) + the mode's extra outputs -> run summary
+
+The summary is written from the results; the work dir's fingerprint is built from the
+settings and inputs, never read back from the summary.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import geopandas as gpd
+import numpy as np
+
+from sam_geo import __version__
+from sam_geo.errors import OutputError, OutputExistsError, RasterError, RunError
+from sam_geo.geo.tiles import validate_tiling
+from sam_geo.geo.vectorize import geometry_area_m2, metres_to_crs_units
+from sam_geo.io.scenes import SceneInfo, open_scene
+from sam_geo.io.writers import check_output_path, write_vector
+from sam_geo.model.registry import ResolvedWeights, resolve_weights
+from sam_geo.model.sam_backend import precision_name, resolve_device
+from sam_geo.run.host import HostConfig
+from sam_geo.run.runtime import RunTimer, run_tiles
+from sam_geo.run.summary import RunSummary
+from sam_geo.run.tasks import TileResult, TileTask
+from sam_geo.run.workdir import WorkDir, fingerprint_file
+from sam_geo.settings import Settings
+
+ScenesArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+OnResult = Callable[[TileResult], None]
+
+COMMON_TILE_SETTINGS = (
+    "bands", "stretch", "assume_crs", "tile_size_px", "overlap_px", "zoom", "simplify_m", "precision",
+    "decoder_context_px",
+)
+"""Settings every mode's tile results depend on (the model and weights are fingerprinted
+on their own). Settings used only on the driver after the tiles come back (area
+filters, stitching, regularizing) or that do not change results (workers, device,
+batch sizes) are left out, so changing them reuses a work dir."""
+
+
+class Mode(Protocol):
+    """What :func:`run_pipeline` needs of a mode (prompted, automatic, text).
+
+    ``name`` names the mode in summaries and work dirs; ``tile_settings`` the
+    :class:`~sam_geo.settings.Settings` fields its tile results depend on; ``inputs``
+    the input files an output must never be written onto. :meth:`check` refuses
+    settings or models the mode cannot run, before any work; :meth:`check_outputs` /
+    :meth:`write_outputs` handle outputs besides the vector layer (a labels raster);
+    :meth:`plan` makes the tile tasks for the opened scenes; :meth:`fingerprint` adds
+    what tile results depend on besides settings, model and scenes (prompt digests,
+    phrases); :meth:`summary_settings` adds resolved settings to the summary (the zoom
+    chosen); :meth:`assemble` turns the results into the output layer, filling
+    ``summary``.
+    """
+
+    name: str
+    tile_settings: tuple[str, ...]
+
+    @property
+    def inputs(self) -> dict[str, Any]: ...
+
+    def check(self, settings: Settings) -> None: ...
+
+    def check_outputs(self, overwrite: bool) -> None: ...
+
+    def plan(self, scenes: list[SceneInfo], settings: Settings) -> list[TileTask]: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def summary_settings(self) -> dict[str, Any]: ...
+
+    def assemble(self, results: list[TileResult], summary: RunSummary) -> gpd.GeoDataFrame: ...
+
+    def write_outputs(self, gdf: gpd.GeoDataFrame, overwrite: bool, summary: RunSummary) -> None: ...
+
+
+def run_pipeline(
+    mode: Mode,
+    scenes: ScenesArg,
+    settings: Settings,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    summary_path: str | os.PathLike[str] | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    restart: bool = False,
+    on_result: OnResult | None = None,
+) -> gpd.GeoDataFrame:
+    """Run ``mode`` over ``scenes`` (see the module docs); the output layer, with the run
+    summary in ``gdf.attrs["summary"]``. Outputs are checked before any work and written
+    atomically; nothing is written when the run fails."""
+    started = time.perf_counter()
+    paths = expand_scenes(scenes)
+    output_path = _check_outputs(mode, paths, output, overwrite, summary_path)
+    infos = [open_scene(p, bands=settings.bands, assume_crs=settings.assume_crs) for p in paths]
+    validate_tiling(settings.tile_size_px, settings.overlap_px)
+    mode.check(settings)
+    weights = resolve_weights(settings.model, settings.weights)
+    tasks = mode.plan(infos, settings)
+    summary = _new_summary(mode, infos, settings, weights, len(tasks))
+    store = _open_work_dir(work_dir, restart, mode, infos, settings, weights) if work_dir is not None else None
+    config = host_config(settings, weights, infos[0], mode.name)
+    results = run_with_work_dir(tasks, config, settings, store, summary, on_result)
+    _raise_if_failed(results, len(tasks), settings.max_failed_tiles, summary, summary_path, started)
+    gdf = mode.assemble(results, summary)
+    if settings.regularize_m is not None and len(gdf):
+        gdf = regularize(gdf, settings.regularize_m, summary)
+    summary.features = len(gdf)
+    _write(gdf, output_path, overwrite, summary, mode)
+    summary.seconds["total"] = time.perf_counter() - started
+    gdf.attrs["summary"] = summary.to_dict()
+    if summary_path is not None:
+        summary.write(summary_path)
+    return gdf
+
+
+def expand_scenes(scenes: ScenesArg) -> list[str]:
+    """Scene arguments -> paths: globs expanded (sorted), ``@file`` lists read, order kept.
+
+    A text file of paths (one per line, ``#`` comments) is given as ``@list.txt`` or by
+    a ``.txt`` suffix; URLs and ``/vsi`` paths pass unchanged. Duplicates are dropped.
+    Raises :class:`RasterError` for a glob that matches nothing or an empty list.
+    """
+    items = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    paths: list[str] = []
+    for item in map(str, items):
+        if item.startswith("@") or item.endswith(".txt"):
+            paths += _read_scene_list(Path(item.lstrip("@")))
+        elif glob.has_magic(item) and "://" not in item:
+            matched = sorted(glob.glob(item))
+            if not matched:
+                raise RasterError(f"no scene matches {item!r}")
+            paths += matched
+        else:
+            paths.append(item)
+    if not paths:
+        raise RasterError("no scenes given")
+    return list(dict.fromkeys(paths))
+
+
+def _read_scene_list(listing: Path) -> list[str]:
+    if not listing.exists():
+        raise RasterError(f"scene list {listing} does not exist")
+    lines = listing.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _check_outputs(
+    mode: Mode, scenes: list[str], output: Any, overwrite: bool, summary_path: Any
+) -> Path | None:
+    """Refuse bad or existing outputs before any work (nothing is written here)."""
+    inputs = {label: path for label, path in mode.inputs.items() if path is not None}
+    inputs.update({f"scene {k + 1}": s for k, s in enumerate(scenes)})
+    inputs["the summary"] = summary_path
+    output_path = check_output_path(output, overwrite=overwrite, others=inputs) if output is not None else None
+    if summary_path is not None:
+        path = Path(summary_path)
+        if not path.parent.exists():
+            raise OutputError(f"directory {path.parent} of the summary file does not exist; create it first")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"summary file {path} exists; pass --overwrite to replace it")
+    mode.check_outputs(overwrite)
+    return output_path
+
+
+def host_config(settings: Settings, weights: ResolvedWeights, scene: SceneInfo, mode: str) -> HostConfig:
+    """What each model actor needs, derived from the settings; lengths and areas in the
+    (first) scene's CRS units."""
+    return HostConfig(
+        model=settings.model,
+        weights=str(weights.path),
+        device=settings.device,
+        batch_size=settings.batch_size,
+        precision=settings.precision,
+        encode_batch=settings.encode_batch,
+        decoder_context_px=settings.decoder_context_px,
+        multimask=settings.multimask if mode == "prompted" else False,
+        detector=settings.detector if mode == "text" else None,
+        min_area=area_in_crs_units(scene, settings.speck_area_m2(mode)),
+        simplify=metres_in_crs_units(scene, settings.simplify_m),
+    )
+
+
+def _new_summary(
+    mode: Mode, infos: list[SceneInfo], settings: Settings, weights: ResolvedWeights, planned: int
+) -> RunSummary:
+    summary = RunSummary(scene=", ".join(i.path for i in infos), mode=mode.name)
+    summary.model = {
+        "name": settings.model,
+        "weights_sha256": weights.sha256,
+        "weights_source": weights.source,
+        "device": resolve_device(settings.device),
+        "precision": precision_name(settings.precision, settings.device),
+    }
+    if mode.name == "text":
+        summary.model["detector"] = settings.detector
+    summary.settings = {**settings.model_dump(mode="json"), **mode.summary_settings()}
+    summary.tiles.planned = planned
+    return summary
+
+
+def _open_work_dir(
+    path: str | os.PathLike[str],
+    restart: bool,
+    mode: Mode,
+    infos: list[SceneInfo],
+    settings: Settings,
+    weights: ResolvedWeights,
+) -> WorkDir:
+    """The work dir, its fingerprint built from what the tile results depend on."""
+    tile_settings = settings.model_dump(mode="json", include=set(mode.tile_settings))
+    fingerprint = {
+        "sam_geo": __version__,
+        "mode": mode.name,
+        "model": settings.model,
+        "weights_sha256": weights.sha256,
+        "settings": tile_settings,
+        "scenes": [fingerprint_file(info.path) for info in infos],
+        **mode.fingerprint(),
+    }
+    return WorkDir(path, fingerprint, restart=restart)
+
+
+def run_with_work_dir(
+    tasks: list[TileTask],
+    config: HostConfig,
+    settings: Settings,
+    store: WorkDir | None,
+    summary: RunSummary,
+    on_result: OnResult | None = None,
+) -> list[TileResult]:
+    """Run the tasks not already finished in ``store``; save each success there first.
+
+    Fills ``summary.tiles`` (processed, resumed, failed, skipped_nodata), the failures
+    and the stage seconds; calls ``on_result`` with each new result once stored.
+    Results come back in no particular order.
+    """
+    results: list[TileResult] = []
+    todo = tasks
+    if store is not None:
+        done = [t for t in tasks if store.done(t.key)]
+        results += [store.load(t.key) for t in done]
+        summary.tiles.resumed = len(done)
+        todo = [t for t in tasks if not store.done(t.key)]
+    timer = RunTimer()
+    for result in run_tiles(todo, config, settings, timer):
+        if result.error is None and store is not None:
+            store.save(result.tile_key, result)
+        results.append(result)
+        summary.add_seconds(result.seconds)
+        summary.tiles.processed += int(result.encoded)
+        if on_result is not None:
+            on_result(result)
+    summary.add_seconds(timer.seconds)
+    summary.tiles.skipped_nodata = sum(r.skipped_nodata for r in results)
+    failed = [r for r in results if r.error]
+    summary.tiles.failed = len(failed)
+    summary.failures = [{"tile": r.tile_key, "error": r.error, "attempts": r.attempts} for r in failed]
+    return results
+
+
+def _raise_if_failed(
+    results: list[TileResult],
+    planned: int,
+    allowed: int,
+    summary: RunSummary,
+    summary_path: str | os.PathLike[str] | None,
+    started: float,
+) -> None:
+    """The one failure policy: more failed tiles than allowed -> no output, the summary
+    written (when asked for) and :class:`RunError` naming the first failure."""
+    failed = [r for r in results if r.error]
+    if len(failed) <= allowed:
+        return
+    summary.seconds["total"] = time.perf_counter() - started
+    if summary_path is not None:
+        summary.write(summary_path)
+    first = failed[0]
+    raise RunError(
+        f"{len(failed)} of {planned} tiles failed (allowed: {allowed}), so no output was written; first: "
+        f"tile {first.tile_key}: {first.error}. Finished tiles are kept in the work dir if one was given; "
+        "fix the input or raise --max-failed-tiles."
+    )
+
+
+def regularize(gdf: gpd.GeoDataFrame, tolerance_m: float, summary: RunSummary) -> gpd.GeoDataFrame:
+    """Regularized building outlines, areas recomputed; counts go to ``summary.regularize``."""
+    from sam_geo.geo.regularize import regularize_buildings  # buildingregulariser is slow to import
+
+    start = time.perf_counter()
+    out = regularize_buildings(gdf, tolerance_m=tolerance_m)
+    out["area_m2"] = geometry_area_m2(out.geometry, out.crs)
+    summary.regularize = {k: v for k, v in out.attrs.get("regularize", {}).items() if not k.endswith("_index")}
+    summary.add_seconds({"regularize": time.perf_counter() - start})
+    return out
+
+
+def _write(gdf: gpd.GeoDataFrame, path: Path | None, overwrite: bool, summary: RunSummary, mode: Mode) -> None:
+    start = time.perf_counter()
+    if path is not None:
+        write_vector(gdf, path, overwrite=overwrite)
+        summary.output = str(path)
+    mode.write_outputs(gdf, overwrite, summary)
+    summary.seconds["write"] = summary.seconds.get("write", 0.0) + time.perf_counter() - start
+
+
+def reproject_geometries(geoms: np.ndarray, crss: Sequence[Any], dst: Any) -> np.ndarray:
+    """Geometries each in its own CRS (``crss[i]``) -> all in ``dst``, one vectorized
+    ``to_crs`` call per source CRS (explicit: no CRS is assumed)."""
+    out = np.asarray(geoms, dtype=object).copy()
+    keys = np.array([str(c) for c in crss], dtype=object)
+    for key in dict.fromkeys(keys.tolist()):
+        rows = np.flatnonzero(keys == key)
+        src = crss[int(rows[0])]
+        if src != dst and len(rows):
+            out[rows] = gpd.GeoSeries(out[rows], crs=src).to_crs(dst).to_numpy()
+    return out
+
+
+def metres_in_crs_units(scene: SceneInfo, metres: float | None) -> float | None:
+    """A length in metres as CRS units of ``scene`` (degrees at the scene's mid-latitude)."""
+    if metres is None:
+        return None
+    return metres_to_crs_units(scene.crs, metres, at_lat=_scene_latitude(scene))
+
+
+def area_in_crs_units(scene: SceneInfo, area_m2: float) -> float:
+    """An area in m^2 as square CRS units of ``scene``."""
+    side = metres_to_crs_units(scene.crs, float(np.sqrt(area_m2)), at_lat=_scene_latitude(scene))
+    return side * side
+
+
+def _scene_latitude(scene: SceneInfo) -> float | None:
+    if not scene.is_geographic:
+        return None
+    _, bottom, _, top = scene.bounds
+    return (bottom + top) / 2
+
