@@ -43,7 +43,7 @@ from sam_geo.geo.tiles import Tile, TileGrid
 from sam_geo.geo.vectorize import geometry_area_m2
 from sam_geo.io.scenes import open_scene
 from sam_geo.modes.automatic import suppress_nested
-from sam_geo.settings import Settings, load_preset
+from sam_geo.settings import Settings, load_preset, make_settings
 
 CROP = Window(541, 1038, 2048, 2048)
 CROP_PATH = Path("/tmp/banepa_center_2048.tif")
@@ -52,7 +52,7 @@ SEAM_TOLERANCE_PX = 0.5
 SEAM_MIN_LENGTH_M = 1.0
 SEAM_SIMPLIFY_PX = 1.0
 
-PRESET_KEYS = (  # preset keys (Settings field names) that are AutoParams fields
+PRESET_KEYS = (  # preset keys (Settings field names) that steer automatic mode
     "points_per_side", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset", "min_area_m2",
     "max_area_m2", "box_nms_thresh", "match_iou", "max_tile_fraction", "nested_thresh", "skip_covered",
     "cover_max_fraction",
@@ -185,7 +185,7 @@ def seam_cuts_not_in_truth(gdf: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, grid:
     return int((~explained).sum())
 
 
-def params_from(args: argparse.Namespace) -> AutoParams:
+def params_from(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {"min_area_m2": AREA_RANGE_M2[0], "max_area_m2": AREA_RANGE_M2[1]}
     if args.config:
         preset = load_preset(args.config, "auto")
@@ -195,7 +195,7 @@ def params_from(args: argparse.Namespace) -> AutoParams:
             values[key] = getattr(args, key)
     if args.no_skip_covered:
         values["skip_covered"] = False
-    return AutoParams(**values)
+    return make_settings(**values)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Seamless stitching of per-tile masks into whole-scene objects, with vectors only.
 
-Automatic segmentation (:mod:`sam_geo.auto`) runs SAM on every tile of a
+Automatic segmentation (:mod:`sam_geo.modes.automatic`) runs SAM on every tile of a
 :class:`~sam_geo.geo.tiles.TileGrid`. Tiles overlap, so an object near a tile edge is seen
 by several tiles: whole by some, cut by the read window of others; an object larger
 than a tile is seen only in pieces. This module turns the tiles' polygons

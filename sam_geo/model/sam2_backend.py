@@ -1,6 +1,6 @@
 """SAM 2.1 image models as a model backend of the engine.
 
-:class:`Sam2Backend` offers the same four members as :class:`sam_geo.engine.SamBackend`
+:class:`Sam2Backend` offers the same four members as :class:`sam_geo.model.sam_backend.SamBackend`
 (``image_size``, ``encode``, ``decode``, ``logits_frame``) on top of the official ``sam2``
 package (Meta, Apache-2.0; ``pip install "sam-geo[sam2]"``). It reproduces what
 ``sam2.sam2_image_predictor.SAM2ImagePredictor`` does for one image, batched over prompts:
@@ -206,7 +206,7 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], spe
 class Sam2Backend:
     """Model steps of SAM 2.1 image models: encode a tile once, decode prompt batches.
 
-    Same members as :class:`sam_geo.engine.SamBackend`. ``multimask``: ask for three
+    Same members as :class:`sam_geo.model.sam_backend.SamBackend`. ``multimask``: ask for three
     masks for every prompt, not only point-only ones (the engine sets it).
     """
 

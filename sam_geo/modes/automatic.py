@@ -560,10 +560,12 @@ def _add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:
 def merge_scene_frames(frames: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
     """Concatenate per-scene outputs in the first scene's CRS (reprojected explicitly)."""
     crs = frames[0].crs
-    merged = pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
+    attrs = pd.concat([pd.DataFrame(f.drop(columns=f.geometry.name)) for f in frames], ignore_index=True)
+    geoms = np.concatenate([f.geometry.to_numpy() for f in frames]) if frames else np.zeros(0, dtype=object)
     crss = [f.crs for f in frames for _ in range(len(f))]
-    geoms = reproject_geometries(merged.geometry.to_numpy(), crss, crs)
-    return gpd.GeoDataFrame(merged.drop(columns="geometry"), geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
+    geoms = reproject_geometries(geoms, crss, crs)
+    return gpd.GeoDataFrame(attrs, geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
+
 
 def suppress_nested(pieces: list[Piece], threshold: float) -> list[Piece]:
     """Greedy nested-mask suppression on one tile's pieces (what
