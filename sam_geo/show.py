@@ -44,9 +44,9 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from sam_geo.errors import ConfigError, CRSError, OutputError, OutputExistsError, SamGeoError
+from sam_geo.errors import ConfigError, CRSError, OutputError, SamGeoError
 from sam_geo.evaluate import read_layer
-from sam_geo.io.atomic import atomic_path, exists_message, write_error
+from sam_geo.io.atomic import atomic_path, check_target, write_error
 from sam_geo.io.scenes import SceneInfo, compute_stretch, open_scene, read_window
 
 __all__ = ["html_map", "quicklook", "render_scene"]
@@ -244,16 +244,7 @@ def _check_output(
     if target.suffix.lower() not in formats:
         allowed = ", ".join(formats)
         raise OutputError(f"cannot write {str(target)!r}: use one of the suffixes {allowed}")
-    if not target.parent.is_dir():
-        raise OutputError(
-            f"output directory {str(target.parent)!r} does not exist; create it first or "
-            "choose another output path"
-        )
-    if target.is_dir():
-        raise OutputError(f"output path {str(target)!r} is a directory; give a file name")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(exists_message(target))
-    return target
+    return check_target(target, overwrite=overwrite)
 
 
 def _check_colour(colour: str) -> tuple[int, int, int]:

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sam_geo.errors import OutputExistsError, SamGeoError, WriteError
+from sam_geo.errors import OutputError, OutputExistsError, SamGeoError, WriteError
 
-__all__ = ["atomic_path", "exists_message", "write_bytes_atomic", "write_error"]
+__all__ = ["atomic_path", "check_target", "exists_message", "write_bytes_atomic", "write_error"]
 
 SIDECAR_SUFFIXES = ("-journal", "-wal", "-shm")
 """Files SQLite (GeoPackage) may create next to a database while writing it."""
@@ -103,12 +103,41 @@ def write_bytes_atomic(
     return final
 
 
-def exists_message(target: Path) -> str:
-    """Error message for a refused overwrite of ``target``."""
+def exists_message(target: Path, what: str = "output") -> str:
+    """Error message for a refused overwrite of ``target`` (``what``: how to name it)."""
     return (
-        f"output {str(target)!r} already exists; pass --overwrite (overwrite=True) to "
+        f"{what} {str(target)!r} already exists; pass --overwrite (overwrite=True) to "
         "replace it, or choose another output path"
     )
+
+
+def check_target(path: str | os.PathLike[str], *, what: str = "output", overwrite: bool = False) -> Path:
+    """Check, before any work, that a file can be written at ``path``; return it (``~``
+    expanded). The caller checks the suffix (each writer knows its formats).
+
+    Raises :class:`OutputError` when the parent directory is missing (it is never
+    created silently), not a directory or not writable, or when ``path`` is a
+    directory; :class:`OutputExistsError` when the file exists and not ``overwrite``.
+    ``what`` names the file in the messages ("output", "labels raster" ...).
+    """
+    target = Path(path).expanduser()
+    parent = target.parent
+    if not parent.exists():
+        raise OutputError(
+            f"directory {str(parent)!r} of the {what} does not exist; create it first "
+            f"(e.g. `mkdir -p {parent}`) or choose another path"
+        )
+    if not parent.is_dir():
+        raise OutputError(f"{str(parent)!r} is not a directory; choose another path for the {what}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"directory {str(parent)!r} of the {what} is not writable; fix its permissions or choose another path"
+        )
+    if target.is_dir():
+        raise OutputError(f"{what} path {str(target)!r} is a directory; give a file name")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(exists_message(target, what))
+    return target
 
 
 def write_error(target: Path, exc: BaseException, advice: str | None = None) -> WriteError:

@@ -19,8 +19,8 @@ from affine import Affine
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from sam_geo.errors import OutputError, OutputExistsError, WriteError
-from sam_geo.io.atomic import atomic_path
+from sam_geo.errors import OutputError, WriteError
+from sam_geo.io.atomic import atomic_path, check_target
 from sam_geo.io.scenes import SceneInfo
 
 LABELS_BLOCK = 512
@@ -31,11 +31,7 @@ def check_labels_path(path: str | os.PathLike[str], *, overwrite: bool = False) 
     target = Path(path).expanduser()
     if target.suffix.lower() not in (".tif", ".tiff"):
         raise OutputError(f"labels raster {str(target)!r} must be a GeoTIFF ending in .tif or .tiff")
-    if not target.parent.is_dir():
-        raise OutputError(f"directory {str(target.parent)!r} of the labels raster does not exist; create it first")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"labels raster {str(target)!r} exists; pass --overwrite to replace it")
-    return target
+    return check_target(target, what="labels raster", overwrite=overwrite)
 
 
 def write_labels_raster(

@@ -50,8 +50,8 @@ import pandas as pd
 import pyogrio
 import shapely
 
-from sam_geo.errors import CRSError, OutputError, OutputExistsError, SamGeoError
-from sam_geo.io.atomic import atomic_path, exists_message, write_error
+from sam_geo.errors import CRSError, OutputError, SamGeoError
+from sam_geo.io.atomic import atomic_path, check_target, write_error
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +115,7 @@ def check_output_path(
                 f"output {str(target)!r} is the same file as {what} ({other}); writing it would "
                 "replace that file. Choose another output path"
             )
-    parent = target.parent
-    if not parent.exists():
-        raise OutputError(
-            f"output directory {str(parent)!r} does not exist; create it first "
-            f"(e.g. `mkdir -p {parent}`) or choose another output path"
-        )
-    if not parent.is_dir():
-        raise OutputError(f"{str(parent)!r} is not a directory; choose another output path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(
-            f"output directory {str(parent)!r} is not writable; fix its permissions or "
-            "choose another output path"
-        )
-    if target.is_dir():
-        raise OutputError(f"output path {str(target)!r} is a directory; give a file name")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(exists_message(target))
-    return target
+    return check_target(target, overwrite=overwrite)
 
 
 def _same_file(target: Path, other: Any) -> bool:

@@ -28,9 +28,10 @@ import geopandas as gpd
 import numpy as np
 
 from sam_geo import __version__
-from sam_geo.errors import OutputError, OutputExistsError, RasterError, RunError
+from sam_geo.errors import RasterError, RunError
 from sam_geo.geo.tiles import validate_tiling
 from sam_geo.geo.vectorize import geometry_area_m2, metres_to_crs_units
+from sam_geo.io.atomic import check_target
 from sam_geo.io.scenes import SceneInfo, open_scene
 from sam_geo.io.writers import check_output_path, write_vector
 from sam_geo.model.registry import ResolvedWeights, resolve_weights
@@ -171,11 +172,7 @@ def _check_outputs(
     inputs["the summary"] = summary_path
     output_path = check_output_path(output, overwrite=overwrite, others=inputs) if output is not None else None
     if summary_path is not None:
-        path = Path(summary_path)
-        if not path.parent.exists():
-            raise OutputError(f"directory {path.parent} of the summary file does not exist; create it first")
-        if path.exists() and not overwrite:
-            raise OutputExistsError(f"summary file {path} exists; pass --overwrite to replace it")
+        check_target(summary_path, what="summary file", overwrite=overwrite)
     mode.check_outputs(overwrite)
     return output_path
 
