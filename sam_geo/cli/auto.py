@@ -17,14 +17,7 @@ COMMAND = "auto"
 @options.auto_options(COMMAND)
 @click.option("--labels-raster", type=click.Path(dir_okay=False), default=None,
               help="Also write an instance-label GeoTIFF: uint32, 0 = no object, else the object_id.")
-@options.output_options
-@options.model_options(COMMAND)
-@options.scene_options(COMMAND)
-@options.tile_options(COMMAND)
-@options.outline_options(COMMAND)
-@options.run_options(COMMAND)
-@options.work_dir_options
-@options.config_option
+@options.segmentation_options(COMMAND)
 def auto(**params: Any) -> None:
     """Segment every object in SCENES automatically (no prompts): one polygon per object.
 
@@ -39,11 +32,7 @@ def auto(**params: Any) -> None:
 
     gdf = segment_auto(
         list(params["scenes"]),
-        output=params["output"],
-        overwrite=params["overwrite"],
-        summary_path=params["summary_path"],
-        work_dir=params["work_dir"],
-        restart=params["restart"],
+        **options.run_arguments(params),
         labels_raster=params["labels_raster"],
         settings=settings,
     )

@@ -369,6 +369,28 @@ def config_option(func: F) -> F:
                              "settings' names, e.g. tile_size_px); flags given here win.")(func)
 
 
+def segmentation_options(command: str) -> Decorator:
+    """Every option a segmentation command shares: output, model, scene, tiles,
+    outlines, running, work dir and preset (the mode's own options come on top)."""
+    decorators = (
+        output_options, model_options(command), scene_options(command), tile_options(command),
+        outline_options(command), run_options(command), work_dir_options, config_option,
+    )
+
+    def apply(func: F) -> F:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return apply
+
+
+def run_arguments(params: dict[str, Any]) -> dict[str, Any]:
+    """The API keywords of the options that are not settings: output, overwrite,
+    summary_path, work_dir, restart."""
+    return {name: params[name] for name in ("output", "overwrite", "summary_path", "work_dir", "restart")}
+
+
 # --- settings ---------------------------------------------------------------------------
 
 

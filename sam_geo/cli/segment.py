@@ -26,14 +26,7 @@ COMMAND = "segment"
               help="Point layer of negative points; each joins every prompt whose box it lies near.")
 @click.option("--id-column", default=None, help="Prompt attribute used to name prompts in the summary.")
 @options.prompt_options(COMMAND)
-@options.output_options
-@options.model_options(COMMAND)
-@options.scene_options(COMMAND)
-@options.tile_options(COMMAND)
-@options.outline_options(COMMAND)
-@options.run_options(COMMAND)
-@options.work_dir_options
-@options.config_option
+@options.segmentation_options(COMMAND)
 def segment(**params: Any) -> None:
     """Segment the object under each prompt of a vector layer, over whole SCENES.
 
@@ -46,11 +39,7 @@ def segment(**params: Any) -> None:
     gdf = run_segment(
         list(params["scenes"]),
         params["prompts"],
-        output=params["output"],
-        overwrite=params["overwrite"],
-        summary_path=params["summary_path"],
-        work_dir=params["work_dir"],
-        restart=params["restart"],
+        **options.run_arguments(params),
         prompts_layer=params["prompts_layer"],
         prompts_crs=params["prompts_crs"],
         id_column=params["id_column"],

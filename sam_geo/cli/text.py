@@ -16,14 +16,7 @@ COMMAND = "text"
 @click.argument("scene", type=str)
 @click.argument("phrases", nargs=-1, required=True)
 @options.text_options(COMMAND)
-@options.output_options
-@options.model_options(COMMAND)
-@options.scene_options(COMMAND)
-@options.tile_options(COMMAND)
-@options.outline_options(COMMAND)
-@options.run_options(COMMAND)
-@options.work_dir_options
-@options.config_option
+@options.segmentation_options(COMMAND)
 def text(**params: Any) -> None:
     """Outline every object matching PHRASES (e.g. "swimming pool") over a whole SCENE.
 
@@ -36,11 +29,7 @@ def text(**params: Any) -> None:
     gdf = segment_text(
         [params["scene"]],
         list(params["phrases"]),
-        output=params["output"],
-        overwrite=params["overwrite"],
-        summary_path=params["summary_path"],
-        work_dir=params["work_dir"],
-        restart=params["restart"],
+        **options.run_arguments(params),
         settings=settings,
     )
     report_prompted(summary_of(gdf))
