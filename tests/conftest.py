@@ -22,7 +22,7 @@ os.environ["SAM_GEO_OFFLINE"] = "1"
 # Relative paths (CI passes ``../shared/weights``) are made absolute, so subprocesses and
 # notebook kernels started from another working directory find the same weights.
 os.environ["SAM_GEO_WEIGHTS_DIR"] = str(Path(os.environ.get("SAM_GEO_WEIGHTS_DIR", SHARED / "weights")).resolve())
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -190,3 +193,82 @@ def test_cpu_actors_run_one_task_at_a_time_and_gpu_actors_fill_an_encoder_batch(
     assert tasks_per_actor(HostConfig(model="mobile_sam", weights="w.pt", encode_batch=8), on_gpu=False) == 1
     assert tasks_per_actor(config, on_gpu=True) == max(TASKS_PER_ACTOR, GPU_ENCODE_BATCH + 1)
     assert tasks_per_actor(HostConfig(model="mobile_sam", weights="w.pt", encode_batch=1), on_gpu=True) == TASKS_PER_ACTOR
+
+
+EMBEDDED_RUN = """
+import sys
+import ray
+from sam_geo.run.runtime import ensure_ray
+
+ensure_ray(None)
+
+@ray.remote
+def own():
+    return "own task ran"
+
+print(ray.get(own.remote()), flush=True)
+print(ray.get_runtime_context().gcs_address, flush=True)
+import os
+print(os.environ["RAY_AUTH_TOKEN"], flush=True)
+sys.stdin.readline()  # keep the run alive until the test is done
+"""
+
+CLIENT = """
+import sys
+import ray
+try:
+    ray.init(address=sys.argv[1], logging_level="ERROR")
+
+    @ray.remote
+    def intruder():
+        return "ran inside"
+
+    print(ray.get(intruder.remote(), timeout=60))
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+"""
+
+
+def clean_environment(home: Path) -> dict[str, str]:
+    """This process's environment without any Ray setting, and another home directory."""
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return env | {"HOME": str(home)}
+
+
+@pytest.mark.ray
+def test_embedded_ray_runs_no_task_for_a_client_without_its_token(tmp_path: Path) -> None:
+    env = clean_environment(tmp_path / "user")
+    run = subprocess.Popen([sys.executable, "-c", EMBEDDED_RUN], env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline().strip() == "own task ran"
+        address, token = run.stdout.readline().strip(), run.stdout.readline().strip()
+        assert len(token) == 64 and not (tmp_path / "user" / ".ray" / "auth_token").exists()
+
+        stranger = clean_environment(tmp_path / "stranger")
+        refused = subprocess.run([sys.executable, "-c", CLIENT, address], env=stranger, capture_output=True,
+                                 text=True, timeout=180)
+        assert refused.stdout.startswith("refused:"), refused.stdout + refused.stderr[-2000:]
+
+        with_token = stranger | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        allowed = subprocess.run([sys.executable, "-c", CLIENT, address], env=with_token, capture_output=True,
+                                 text=True, timeout=180)
+        assert allowed.stdout.strip() == "ran inside", allowed.stdout + allowed.stderr[-2000:]
+    finally:
+        run.communicate(input="\n", timeout=120)
+
+
+def test_a_cluster_that_refuses_this_client_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    from sam_geo.run.runtime import join_cluster
+
+    def refuse(**kwargs: object) -> None:
+        raise AuthenticationError("Authentication token is missing or incorrect")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match="10.0.0.9:6379.*RAY_AUTH_TOKEN"):
+        join_cluster("10.0.0.9:6379", {})

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import sys
 import time
 import uuid
 from collections import deque
@@ -41,6 +43,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sam_geo.errors import ConfigError
 from sam_geo.run.host import GPU_ENCODE_BATCH, HostConfig, ModelHost
 from sam_geo.run.tasks import TileResult, TileTask
 from sam_geo.settings import Settings
@@ -130,21 +133,62 @@ def _run_in_process(
 
 
 def ensure_ray(address: str | None) -> None:
-    """Start an embedded local Ray, or join ``address``; reuse one already running."""
+    """Start an embedded local Ray, or join ``address``; reuse one already running.
+
+    An embedded Ray is for this run alone: it runs with Ray's token authentication and
+    a token made for this process (:func:`private_ray_token`), so a client that
+    connects to its ports without that token cannot run anything in it. A cluster
+    joined with ``address`` uses its own authentication settings (see README).
+    """
+    if not address:
+        private_ray_token()  # before Ray reads its configuration
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded Ray: no token noise
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.WARNING,
         "log_to_driver": True,
     }
     if address:
-        ray.init(address=address, **kwargs)
+        join_cluster(address, kwargs)
     else:
         ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+
+
+def join_cluster(address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init(address=...)``; a cluster that cannot be reached or refuses this client
+    is a :class:`ConfigError` saying what to check."""
+    import ray
+
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        raise ConfigError(
+            f"cannot join the Ray cluster at {address!r} ({type(exc).__name__}: {exc}). Check that it runs "
+            "(`ray status`) and that this machine reaches it; a cluster with token authentication needs its "
+            "token here too (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN, or ~/.ray/auth_token), one with TLS the "
+            "same RAY_USE_TLS and RAY_TLS_* settings as its nodes"
+        ) from exc
+
+
+def private_ray_token() -> None:
+    """Turn on Ray's token authentication with a fresh random token for the embedded Ray
+    of this process, unless the user chose an authentication mode or token themselves
+    (``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``).
+
+    The token lives in this process's environment (readable by the user alone, through
+    ``/proc``), which Ray hands to the processes it starts; it is not written to
+    ``~/.ray``, so it differs from run to run and from other users' runs.
+    """
+    if any(name in os.environ for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    raylet = sys.modules.get("ray._raylet")
+    if raylet is not None:  # Ray imported already: it cached its configuration
+        raylet.Config.initialize("")
 
 
 def _actor_class() -> Any:  # built lazily so importing sam_geo does not import ray
