@@ -322,3 +322,16 @@ def test_exit_codes(error: BaseException, code: int, needle: str, monkeypatch: p
     assert main(["--debug", "auto", "a.tif", "-o", "o.gpkg"]) == code
     err = capsys.readouterr().err
     assert needle in err and ("Traceback" in err) == (code != 130)
+
+
+def test_report_says_how_busy_the_model_hosts_were(capsys: pytest.CaptureFixture[str]) -> None:
+    from sam_geo.cli.reports import report_prompted
+    from sam_geo.run.summary import RunSummary
+
+    summary = RunSummary(scene="s.tif", mode="prompted", output="o.gpkg", features=3)
+    summary.workers = [{"model_busy_share": 0.62}, {"model_busy_share": 0.71}]
+    summary.rates = {"tiles_per_s": 1.5, "cpu_ms_per_tile": 44.6}
+    report_prompted(summary)
+    assert "2 model workers: 1.50 tiles/s, model busy 62-71 % of the time, 45 ms of CPU per tile" in capsys.readouterr().err
+    report_prompted(RunSummary(scene="s.tif", mode="prompted", output="o.gpkg", features=3))
+    assert "model worker" not in capsys.readouterr().err  # nothing ran (all tiles resumed)

@@ -113,6 +113,9 @@ def test_interrupted_run_resumes_only_the_remaining_tiles(scene: Path, clean_run
     # a finished work dir resumes everything and encodes nothing
     again = segment(scene, prompts, work_dir=work, **IN_PROCESS, **TILING)
     assert again.attrs["summary"]["tiles"]["processed"] == 0
+    assert again.attrs["summary"]["workers"] == []  # nothing left to run: no model was loaded
+    (host,) = clean_run.attrs["summary"]["workers"]  # workers=0: this process hosted the model
+    assert host["tiles"] == clean_run.attrs["summary"]["tiles"]["planned"] and 0 < host["model_busy_share"] <= 1
     assert_same_output(again, clean_run)
 
 

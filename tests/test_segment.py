@@ -95,6 +95,11 @@ def test_box_prompts_from_4326_layer_through_ray(banepa_crop, tmp_path: Path) ->
     assert summary["tiles"]["planned"] >= 4
     assert summary["tiles"]["processed"] == summary["tiles"]["planned"]
     assert summary["prompts"]["used"] == len(prompts)
+    (worker,) = summary["workers"]  # one Ray actor: its node, device and how busy its model was
+    assert worker["tiles"] == summary["tiles"]["planned"] and worker["device"] == "cpu"
+    assert len(worker["node_id"]) > 8 and 0 < worker["model_seconds"] < worker["wall_seconds"]
+    assert 0 < worker["model_busy_share"] <= 1
+    assert summary["rates"]["tiles_per_s"] > 0 and summary["rates"]["cpu_ms_per_tile"] > 0
     assert summary["model"]["weights_sha256"].startswith("6dbb9052")
     for stage in ("startup", "read", "encode", "decode", "vectorize", "write", "total"):
         assert summary["seconds"][stage] >= 0

@@ -32,6 +32,19 @@ def _failures(summary: RunSummary) -> list[str]:
     return [f"  tile {failure['tile']} failed: {failure['error']}" for failure in summary.failures[:MAX_LISTED]]
 
 
+def _throughput(summary: RunSummary) -> list[str]:
+    """One line on how busy the model hosts were (none when no tile ran)."""
+    if not summary.workers:
+        return []
+    busy = [round(100 * w["model_busy_share"]) for w in summary.workers]
+    share = f"{busy[0]} %" if len(busy) == 1 else f"{min(busy)}-{max(busy)} %"
+    return [
+        f"  {len(busy)} model worker{'s' if len(busy) > 1 else ''}: {summary.rates.get('tiles_per_s', 0.0):.2f} "
+        f"tiles/s, model busy {share} of the time, {summary.rates.get('cpu_ms_per_tile', 0.0):.0f} ms of CPU "
+        "per tile outside the model"
+    ]
+
+
 def report_prompted(summary: RunSummary) -> None:
     """``segment`` and ``text``: what was written and which prompts were not used."""
     p, t = summary.prompts, summary.tiles
@@ -39,6 +52,7 @@ def report_prompted(summary: RunSummary) -> None:
         f"wrote {summary.features} polygons to {summary.output} "
         f"({t.processed} tiles encoded, {t.resumed} resumed, {t.failed} failed, "
         f"{summary.seconds.get('total', 0.0):.1f} s)",
+        *_throughput(summary),
         *_failures(summary),
     ]
     for key, label in PROMPT_PROBLEMS:
@@ -66,5 +80,5 @@ def report_auto(summary: RunSummary) -> None:
     ]
     if o.get("labels_raster"):
         lines.append(f"  labels raster: {o['labels_raster']}")
-    lines += _failures(summary)
+    lines += _throughput(summary) + _failures(summary)
     click.echo("\n".join(lines), err=True)

@@ -75,7 +75,7 @@ def run_text_tile(host: ModelHost, task: TextTileTask) -> TextTileResult:
         result.skipped_nodata = True
         return result
     detector = host.detector()
-    with host.model_lock, timed(result.seconds, "detect"):
+    with host.hold_model(), timed(result.seconds, "detect"):
         found = detector.detect(
             window.rgb, list(task.phrases), box_threshold=task.box_threshold, text_threshold=task.text_threshold
         )

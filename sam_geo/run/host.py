@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -202,6 +204,9 @@ class ModelHost:
         self._local = threading.local()  # dataset handles are per thread
         self._all_datasets: list[rasterio.DatasetReader] = []
         self._model_lock = threading.Lock()  # one model call at a time per actor
+        self._model_seconds = 0.0
+        self._tiles = 0
+        self._first_tile: float | None = None
         self._detector: Any = None
         default_batch = GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
         self.batch_size = config.batch_size or default_batch
@@ -236,9 +241,34 @@ class ModelHost:
 
     @contextmanager
     def model_call(self) -> Iterator[None]:
-        """Hold the model (see :attr:`model_lock`) under the configured autocast precision."""
-        with self._model_lock, self._autocast():
+        """Hold the model (see :meth:`hold_model`) under the configured autocast precision."""
+        with self.hold_model(), self._autocast():
             yield
+
+    @contextmanager
+    def hold_model(self) -> Iterator[None]:
+        """Hold :attr:`model_lock` (no autocast: the text detector keeps its own precision);
+        the time it is held counts as model time in :meth:`stats`."""
+        with self._model_lock:
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._model_seconds += time.perf_counter() - start
+
+    def stats(self) -> dict[str, Any]:
+        """This host's share of the run: node, device, tiles run, seconds in model calls
+        and ``model_busy_share`` (model seconds over the wall seconds since its first
+        tile started; model loading is not counted)."""
+        wall = time.perf_counter() - self._first_tile if self._first_tile is not None else 0.0
+        return {
+            "node_id": _node_id(),
+            "device": str(self.device),
+            "tiles": self._tiles,
+            "model_seconds": round(self._model_seconds, 3),
+            "wall_seconds": round(wall, 3),
+            "model_busy_share": round(self._model_seconds / wall, 3) if wall > 0 else 0.0,
+        }
 
     def _autocast(self) -> Any:
         if self.autocast_dtype == torch.float32:
@@ -308,7 +338,11 @@ class ModelHost:
 
     def run(self, task: TileTask) -> TileResult:
         """Run a tile task of any mode on this host's model."""
-        return task.execute(self)
+        if self._first_tile is None:
+            self._first_tile = time.perf_counter()
+        result = task.execute(self)
+        self._tiles += 1
+        return result
 
     def read(self, scene: SceneInfo, stretch: Stretch, tile: Tile) -> WindowRead:
         """The tile's pixels as model-ready RGB plus its validity mask."""
@@ -368,3 +402,11 @@ def decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:
         group = group.replace(points=points, labels=labels)
         for start in range(0, len(group), size):
             yield group.take(np.arange(start, min(start + size, len(group))))
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on, or this machine's name outside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return platform.node() or "local"

@@ -257,6 +257,7 @@ def run_with_work_dir(
         summary.tiles.resumed = len(done)
         todo = [t for t in tasks if not store.done(t.key)]
     timer = RunTimer()
+    started = time.perf_counter()
     for result in run_tiles(todo, config, settings, timer):
         if result.error is None and store is not None:
             store.save(result.tile_key, result)
@@ -266,11 +267,23 @@ def run_with_work_dir(
         if on_result is not None:
             on_result(result)
     summary.add_seconds(timer.seconds)
+    summary.workers = timer.workers
+    summary.rates = _rates(summary, len(todo), time.perf_counter() - started - timer.seconds.get("startup", 0.0))
     summary.tiles.skipped_nodata = sum(r.skipped_nodata for r in results)
     failed = [r for r in results if r.error]
     summary.tiles.failed = len(failed)
     summary.failures = [{"tile": r.tile_key, "error": r.error, "attempts": r.attempts} for r in failed]
     return results
+
+
+def _rates(summary: RunSummary, tiles_run: int, wall_s: float) -> dict[str, float]:
+    """Tiles per second of the runtime and CPU milliseconds per tile outside the model."""
+    cpu_s = summary.seconds.get("read", 0.0) + summary.seconds.get("vectorize", 0.0)
+    encoded = max(summary.tiles.processed, 1)
+    return {
+        "tiles_per_s": round(tiles_run / wall_s, 3) if wall_s > 0 else 0.0,
+        "cpu_ms_per_tile": round(1000.0 * cpu_s / encoded, 1),
+    }
 
 
 def _raise_if_failed(

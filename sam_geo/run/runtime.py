@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 """How often Ray restarts an actor, and retries the tasks it held, after a crash."""
 
+STATS_TIMEOUT_S = 10.0
+"""How long the driver waits for the actors' stats at the end of a run."""
+
 TASKS_PER_ACTOR = 2
 """Fewest tasks in flight per GPU actor: one using the model, one reading or vectorizing."""
 
@@ -72,6 +75,8 @@ class RunTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.workers: list[dict[str, Any]] = []
+        """Each model host's :meth:`~sam_geo.run.host.ModelHost.stats` at the end."""
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -129,6 +134,7 @@ def _run_in_process(
                     yield result
                     break
     finally:
+        timer.workers.append(host.stats())
         host.close()
 
 
@@ -207,6 +213,9 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
         def run(self, task: Any) -> TileResult:
             return self.host.run(task)
 
+        def stats(self) -> dict[str, Any]:
+            return self.host.stats()
+
     return SamActor
 
 
@@ -240,6 +249,20 @@ class _ActorFleet:
         if self.actors[slot] is dead:
             log.warning("model actor %d died; starting a new one", slot)
             self.actors[slot] = self._new(slot)
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Each live actor's host stats (actors that do not answer in time are left out)."""
+        import ray
+
+        refs = [actor.stats.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STATS_TIMEOUT_S)
+        out = []
+        for ref in ready:
+            try:
+                out.append(ray.get(ref))
+            except Exception as exc:  # a dead actor has no stats; the run's results stand
+                log.warning("no stats from a model actor: %s", _reason(exc))
+        return out
 
     def kill_all(self) -> None:
         import ray
@@ -300,4 +323,5 @@ def _run_on_ray(
             for s in range(workers):
                 submit(s)
     finally:
+        timer.workers += fleet.stats()
         fleet.kill_all()

@@ -68,6 +68,14 @@ class RunSummary:
     """Tiles that failed after all retries: ``{"tile", "error", "attempts"}``."""
     objects: dict[str, Any] = field(default_factory=dict)
     """Automatic mode: stitching counts (pieces, joins, mosaics ...); ``labels_raster``."""
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    """Per model host (Ray actor, or this process with ``workers=0``): ``node_id``,
+    ``device``, ``tiles``, ``model_seconds`` (in model calls), ``wall_seconds`` (since its
+    first tile) and ``model_busy_share`` (their ratio)."""
+    rates: dict[str, float] = field(default_factory=dict)
+    """``tiles_per_s`` (tiles run over the runtime's wall seconds, start-up excluded) and
+    ``cpu_ms_per_tile`` (the hosts' CPU stages outside the model, read + vectorize, per
+    tile encoded; driver stages such as stitch and write are in ``seconds``)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
