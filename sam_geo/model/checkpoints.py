@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from sam_geo.errors import WeightsError, WeightsNotFoundError
+
 __all__ = [
+    "load_checkpoint",
     "SAM21_ONLY_KEYS",
     "guess_sam2_model",
     "guess_sam_model",
@@ -114,3 +118,17 @@ def guess_sam2_model(state: Mapping[str, Any]) -> str | None:
         int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.trunk\.blocks\.(\d+)\.", k))
     }
     return _BLOCKS_TO_SAM2_MODEL.get(max(blocks) + 1) if blocks else None
+
+
+def load_checkpoint(path: Path) -> object:
+    """``torch.load`` of a weights file, tensors only (``weights_only=True``), on the CPU.
+
+    Raises :class:`WeightsNotFoundError` for a missing file and :class:`WeightsError`
+    for a file torch cannot read; what the object holds is for the caller to check.
+    """
+    if not path.is_file():
+        raise WeightsNotFoundError(f"Weights file {path} does not exist. Check the --weights path.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, ...)
+        raise WeightsError(f"{path} is not a PyTorch checkpoint: {one_line_reason(exc)}") from exc

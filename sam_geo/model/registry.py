@@ -68,6 +68,7 @@ from sam_geo.errors import (
 )
 from sam_geo.io.atomic import atomic_path
 from sam_geo.model.checkpoints import (
+    load_checkpoint,
     guess_sam2_model,
     guess_sam_model,
     one_line_reason,
@@ -709,12 +710,7 @@ def parse_device(device: str) -> torch.device:
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """Load a state dict from ``path`` with ``weights_only=True``."""
-    if not path.is_file():
-        raise WeightsNotFoundError(f"Weights file {path} does not exist. Check the --weights path.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-        raise WeightsError(f"{path} is not a PyTorch checkpoint: {one_line_reason(exc)}") from exc
+    loaded = load_checkpoint(path)
     if not isinstance(loaded, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):

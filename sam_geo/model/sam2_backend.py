@@ -39,9 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam_geo.errors import ConfigError, WeightsError, WeightsNotFoundError
+from sam_geo.errors import ConfigError, WeightsError
 from sam_geo.io.prompts import PromptBatch
 from sam_geo.model.checkpoints import (
+    load_checkpoint,
     SAM21_ONLY_KEYS,
     guess_sam2_model,
     guess_sam_model,
@@ -151,12 +152,7 @@ def read_sam2_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
 
     Accepts the official layout (``{"model": state_dict}``) and a plain state dict.
     """
-    if not path.is_file():
-        raise WeightsNotFoundError(f"Weights file {path} does not exist. Check the --weights path.")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-        raise WeightsError(f"{path} is not a PyTorch checkpoint: {one_line_reason(exc)}") from exc
+    loaded = load_checkpoint(path)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         loaded = loaded["model"]
     if not isinstance(loaded, Mapping) or not loaded or not all(
