@@ -201,6 +201,7 @@ class PromptedMode:
         self.jobs: list[SceneJob] = []
         self.outside: tuple[int, ...] = ()
         self.invalid: tuple[int, ...] = ()
+        self.scene_of_tile: dict[str, SceneInfo] = {}
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -229,7 +230,9 @@ class PromptedMode:
             name = "the prompt GeoDataFrame" if isinstance(source, gpd.GeoDataFrame) else str(source)
             extents = [(i.path, i.crs, tuple(i.bounds)) for i in scenes]
             raise no_usable_prompts(name, self.layer.frame, extents, self.outside, self.invalid)
-        return [PromptedTask(j.scene, j.stretch, tile, batch) for j in self.jobs for tile, batch in j.plan.tiles]
+        tasks = [PromptedTask(j.scene, j.stretch, tile, batch) for j in self.jobs for tile, batch in j.plan.tiles]
+        self.scene_of_tile = {task.key: task.scene for task in tasks}
+        return list(tasks)
 
     def _read_layer(self) -> _Layer:
         p = self.prompts
@@ -303,17 +306,12 @@ class PromptedMode:
         Several scenes are merged into the first scene's CRS (reprojected explicitly)
         with a ``scene`` column naming each row's scene.
         """
-        scene_of_tile = {task.key: job.scene for job in self.jobs for task in self._tasks_of(job)}
-        records = [(scene_of_tile[res.tile_key], r) for res in results for r in getattr(res, "results", [])]
+        records = [(self.scene_of_tile[res.tile_key], r) for res in results for r in getattr(res, "results", [])]
         on_nodata = sorted({i for res in results for i in getattr(res, "on_nodata", [])})
         empty = sorted(r.prompt_index for _, r in records if r.wkb is None)
         done = sorted(((s, r) for s, r in records if r.wkb is not None), key=lambda sr: sr[1].prompt_index)
         self._count_prompts(summary, on_nodata, empty)
         return self._frame(done)
-
-    @staticmethod
-    def _tasks_of(job: SceneJob) -> list[PromptedTask]:
-        return [PromptedTask(job.scene, job.stretch, tile, batch) for tile, batch in job.plan.tiles]
 
     def _count_prompts(self, summary: RunSummary, on_nodata: list[int], empty: list[int]) -> None:
         frame, id_column = self.layer.frame, self.layer.id_column
