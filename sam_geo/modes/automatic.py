@@ -503,11 +503,11 @@ class AutoMode:
         summary.prompts.skipped_covered = sum(getattr(r, "points_skipped", 0) for r in results)
         started = time.perf_counter()
         by_key = {r.tile_key: r for r in results if not r.error}
-        frames = []
-        for info in self.scenes:
-            tasks = [t for t in self.tasks if t.scene.path == info.path]
-            parts = [(t.tile, by_key[t.key].objects) for t in tasks if t.key in by_key]
-            frames.append(stitched_frame(info, parts, self.settings, summary))
+        parts: dict[str, list[tuple[Any, list[Piece]]]] = {info.path: [] for info in self.scenes}
+        for task in self.tasks:  # one pass: a mosaic may hold thousands of scenes
+            if task.key in by_key:
+                parts[task.scene.path].append((task.tile, by_key[task.key].objects))
+        frames = [stitched_frame(info, parts[info.path], self.settings, summary) for info in self.scenes]
         summary.add_seconds({"stitch": time.perf_counter() - started})
         if len(frames) == 1:
             return frames[0]
