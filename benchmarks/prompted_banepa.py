@@ -59,7 +59,7 @@ def main() -> None:
     print(f"median IoU {np.median(ious):.4f}  mean {ious.mean():.4f}  share>=0.5 {(ious >= 0.5).mean():.4f}"
           f"  share>=0.75 {(ious >= 0.75).mean():.4f}")
     print(f"wall {wall:.1f} s; per prompt {1000 * summary['seconds']['decode'] / summary['prompts']['used']:.1f} ms decode")
-    print(json.dumps({k: summary[k] for k in ("tiles", "seconds")}))
+    print(json.dumps({k: summary[k] for k in ("tiles", "seconds", "rates", "workers") if k in summary}))
     print(json.dumps({k: v for k, v in summary["prompts"].items() if not k.endswith("_ids")}))
     report("raw", gdf, truth)
     for tolerance in (0.5, 1.0):

@@ -516,7 +516,7 @@ def test_read_window_shapes_and_types(tmp_path: Path) -> None:
     path = make_raster(tmp_path / "rgb.tif", data)
     read = _read(path, Window(10, 5, 30, 20))
     assert read.rgb.shape == (20, 30, 3) and read.rgb.dtype == np.uint8
-    assert read.rgb.flags.c_contiguous
+    assert read.bands.flags.c_contiguous and read.bands.shape == (3, 20, 30)
     assert read.valid.shape == (20, 30) and read.valid.dtype == bool and read.valid.all()
     np.testing.assert_array_equal(read.rgb, data[:, 5:25, 10:40].transpose(1, 2, 0))
 

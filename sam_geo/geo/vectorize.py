@@ -30,11 +30,12 @@ import scipy.sparse
 import scipy.sparse.csgraph
 from rasterio.errors import NotGeoreferencedWarning
 import shapely
+import shapely.affinity
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from sam_geo.errors import CRSError
 
-__all__ = ["geometry_area_m2", "mask_to_geometry", "metres_to_crs_units"]
+__all__ = ["geometry_area_m2", "logits_to_geometry", "mask_to_geometry", "metres_to_crs_units"]
 
 # Ellipsoid used for geodesic areas when a CRS does not define one.
 _WGS84 = pyproj.Geod(ellps="WGS84")
@@ -99,6 +100,123 @@ def mask_to_geometry(
     if simplify:
         parts = _simplify_parts(parts, simplify, min_area)
     return _assemble(parts)
+
+
+LOGIT_PAD = -1.0e4
+"""Value put around a logits crop so every 0-level contour closes inside the padding."""
+
+CONTOUR_TOLERANCE_PX = 0.1
+"""Douglas-Peucker tolerance, in image pixels, applied to traced contours: marching
+squares puts a vertex on every cell edge an outline crosses, most of them collinear;
+dropping those that move the outline by less than a tenth of a pixel cuts a building's
+vertices several-fold and changes its area by far less than a pixel."""
+
+
+def logits_to_geometry(
+    logits: np.ndarray,
+    cell_to_pixel: affine.Affine,
+    pixel_to_crs: affine.Affine,
+    clip: tuple[float, float, float, float],
+    *,
+    min_area: float = 0.0,
+    simplify: float | None = None,
+) -> Polygon | MultiPolygon | None:
+    """Vectorize the outline of a mask given as low-resolution logits (mask = logits > 0).
+
+    SAM's mask is its low-resolution logits bilinearly upsampled and thresholded at 0.
+    Instead of upsampling to pixels and tracing pixel edges (:func:`mask_to_geometry`),
+    this traces the 0-level line of the logits themselves with marching squares
+    (:func:`skimage.measure.find_contours`): the outline crosses each cell edge exactly
+    where the bilinear surface does, and is a straight segment inside a cell, so it is
+    sub-pixel and has no staircase. The mask side is 4-connected (as in
+    :func:`mask_to_geometry`). Vertices that move the outline by less than
+    :data:`CONTOUR_TOLERANCE_PX` are dropped. Cost grows with the crop's cells, not
+    with its pixels.
+
+    Args:
+        logits: ``(rows, cols)`` float logits, a crop of the low-res grid; index
+            ``(r, c)`` is the cell *centre* ``(c, r)`` in cell coordinates.
+        cell_to_pixel: affine from cell-centre coordinates ``(col, row)`` of ``logits``
+            to pixel-corner coordinates of the image the mask belongs to.
+        pixel_to_crs: affine from pixel-corner coordinates to CRS ``(x, y)``.
+        clip: ``(col0, row0, col1, row1)`` pixel-corner rectangle the mask is kept in;
+            the logits crop should cover it (values beyond the crop repeat its edge).
+        min_area: as in :func:`mask_to_geometry`, CRS units^2.
+        simplify: as in :func:`mask_to_geometry`, CRS units.
+
+    Returns:
+        A valid Polygon or MultiPolygon in CRS coordinates, or None when no part is left.
+    """
+    min_area = _check_threshold("min_area", min_area)
+    if simplify is not None:
+        simplify = _check_threshold("simplify", simplify)
+    if logits.ndim != 2 or not (logits > 0).any():
+        return None
+    parts = shapely.simplify(np.asarray(_contour_polygons(logits, cell_to_pixel), dtype=object), CONTOUR_TOLERANCE_PX)
+    parts = _polygonal_parts(shapely.clip_by_rect(parts, *clip))
+    if not parts:
+        return None
+    matrix = pixel_to_crs.to_shapely() if hasattr(pixel_to_crs, "to_shapely") else _shapely_matrix(pixel_to_crs)
+    parts = [shapely.affinity.affine_transform(part, matrix) for part in parts]
+    parts = _filter_parts(_polygonal_parts(_make_valid(np.asarray(parts, dtype=object))), min_area)
+    if simplify:
+        parts = _simplify_parts(parts, simplify, min_area)
+    return _assemble(parts)
+
+
+def _shapely_matrix(transform: affine.Affine) -> tuple[float, ...]:
+    a, b, c, d, e, f = transform[:6]
+    return (a, b, d, e, c, f)
+
+
+def _contour_polygons(logits: np.ndarray, cell_to_pixel: affine.Affine) -> list[Polygon]:
+    """Polygons (pixel coordinates) bounded by the 0-level contours of ``logits``.
+
+    The crop is padded with one ring of its own edge values (the mask runs on past the
+    crop as its edge does; :func:`logits_to_geometry` clips it) and one of
+    :data:`LOGIT_PAD`, so every contour is closed. Rings winding one way are shells,
+    the others holes, each put in the smallest shell holding it.
+    """
+    from skimage.measure import find_contours
+
+    rows, cols = logits.shape
+    padded = np.full((rows + 4, cols + 4), LOGIT_PAD, dtype=np.float32)
+    padded[2:-2, 2:-2] = logits
+    padded[1, 2:-2], padded[-2, 2:-2] = logits[0], logits[-1]
+    padded[1:-1, 1], padded[1:-1, -2] = padded[1:-1, 2], padded[1:-1, -3]
+    a, b, c, d, e, f = cell_to_pixel[:6]
+    shells: list[np.ndarray] = []
+    holes: list[np.ndarray] = []
+    for contour in find_contours(padded, 0.0, fully_connected="low"):
+        if len(contour) < 4:
+            continue
+        rows, cols = contour[:, 0] - 2.0, contour[:, 1] - 2.0
+        xy = np.column_stack([a * cols + b * rows + c, d * cols + e * rows + f])
+        # high values (the mask) lie to the right of find_contours' direction in (row, col)
+        (shells if _signed_area(contour) > 0 else holes).append(xy)
+    if not holes:
+        return [Polygon(ring) for ring in shells]
+    return _nest(shells, holes)
+
+
+def _signed_area(rc: np.ndarray) -> float:
+    """Shoelace area of a closed (row, col) ring: positive when it winds one way."""
+    r, c = rc[:, 0], rc[:, 1]
+    return 0.5 * float(np.dot(c[:-1], r[1:]) - np.dot(c[1:], r[:-1]))
+
+
+def _nest(shells: list[np.ndarray], holes: list[np.ndarray]) -> list[Polygon]:
+    """Shell polygons with each hole in the smallest shell that contains it."""
+    shell_polys = [Polygon(ring) for ring in shells]
+    order = np.argsort([p.area for p in shell_polys])
+    members: list[list[np.ndarray]] = [[] for _ in shells]
+    for hole in holes:
+        probe = shapely.Point(hole[0])
+        for i in order:
+            if shell_polys[i].covers(probe):
+                members[i].append(hole)
+                break
+    return [Polygon(ring, members[i]) if members[i] else shell_polys[i] for i, ring in enumerate(shells)]
 
 
 def _check_mask(mask: Any) -> None:

@@ -41,6 +41,7 @@ from sam_geo.errors import CRSError, PromptError
 from sam_geo.settings import PROMPT_AS as PROMPT_MODES
 from sam_geo.settings import PromptAs as PromptMode
 from sam_geo.geo.tiles import PixelBox, Tile, TileGrid
+from sam_geo.io.prompt_batch import PromptBatch  # re-exported: it lives in its own light module
 
 
 MASK_BOX_GROW = 0.25
@@ -64,54 +65,6 @@ MIN_BOX_MARGIN_PX = 16
 
 _POINT_TYPES = {"Point", "MultiPoint"}
 _AREA_TYPES = {"Polygon", "MultiPolygon"}
-
-
-@dataclass(frozen=True)
-class PromptBatch:
-    """Prompts of one tile, as arrays in scene pixels (picklable, compact).
-
-    ``index``: (n,) prompt_index of each prompt in the layer; ``boxes``: (n, 4)
-    ``x0, y0, x1, y1`` (cols, rows) or NaN rows for point-only prompts; ``points``:
-    (n, k, 2) ``x, y``; ``labels``: (n, k) 1 positive, 0 negative, -1 padding;
-    ``masks``: (n,) WKB of the prompt polygon in scene pixels for mask prompts, else
-    None; ``areas``: (n,) the prompt polygon's area in scene pixels (NaN for points),
-    used to choose among multimask outputs.
-    """
-
-    index: np.ndarray
-    boxes: np.ndarray
-    points: np.ndarray
-    labels: np.ndarray
-    masks: np.ndarray | None = None
-    areas: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.index)
-        if self.masks is None:
-            object.__setattr__(self, "masks", np.full(n, None, dtype=object))
-        if self.areas is None:
-            object.__setattr__(self, "areas", np.full(n, np.nan))
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    def take(self, rows: np.ndarray | list[int]) -> PromptBatch:
-        rows = np.asarray(rows, dtype=np.int64)
-        return PromptBatch(
-            self.index[rows], self.boxes[rows], self.points[rows], self.labels[rows], self.masks[rows], self.areas[rows]
-        )
-
-    def replace(self, **changes: np.ndarray) -> PromptBatch:
-        fields = {k: getattr(self, k) for k in ("index", "boxes", "points", "labels", "masks", "areas")}
-        return PromptBatch(**{**fields, **changes})
-
-    @property
-    def has_box(self) -> np.ndarray:
-        return ~np.isnan(self.boxes[:, 0])
-
-    @property
-    def has_mask(self) -> np.ndarray:
-        return np.array([m is not None for m in self.masks], dtype=bool)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.env
 from affine import Affine
 from rasterio.coords import BoundingBox
 from rasterio.crs import CRS
@@ -545,13 +546,19 @@ class WindowRead:
     """Pixels of one window, ready for SAM.
 
     Attributes:
-        rgb: ``(rows, cols, 3)`` ``uint8``, stretched; invalid pixels are 0, and so is a
-            channel whose value equals that band's own nodata value.
+        bands: ``(3, rows, cols)`` ``uint8``, C-contiguous, stretched; invalid pixels are
+            0, and so is a channel whose value equals that band's own nodata value. Kept
+            band-first, as GDAL reads it and the model takes it: no copy to interleave.
         valid: ``(rows, cols)`` ``bool``, True where the pixel is valid (see module doc).
     """
 
-    rgb: np.ndarray
+    bands: np.ndarray
     valid: np.ndarray
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """``(rows, cols, 3)`` view of :attr:`bands` (not C-contiguous; no copy)."""
+        return self.bands.transpose(1, 2, 0)
 
 
 def read_window(
@@ -594,7 +601,9 @@ def read_window(
         resampling = mask_resampling = Resampling.average
     try:
         data = _read_bands(src, scene.bands, window, shape, resampling)
-        valid = src.dataset_mask(window=window, out_shape=shape, resampling=mask_resampling) > 0
+        valid = _valid_from_nodata(src, scene.bands, data) if out_shape is None else None
+        if valid is None:
+            valid = src.dataset_mask(window=window, out_shape=shape, resampling=mask_resampling) > 0
     except _READ_ERRORS as exc:
         raise RasterReadError(
             f"Failed to read {_describe(window)} of {scene.path}: {_gdal_reason(exc)}. The "
@@ -603,9 +612,10 @@ def read_window(
         ) from exc
     valid &= _all_finite(data)
     rgb = stretch.apply(data)
-    rgb[:, ~valid] = 0
+    if not valid.all():
+        rgb *= valid
     _zero_band_nodata(rgb, data, [src.nodatavals[b - 1] for b in scene.bands])
-    return WindowRead(rgb=np.ascontiguousarray(rgb.transpose(1, 2, 0)), valid=valid)
+    return WindowRead(bands=rgb, valid=valid)
 
 
 def _check_read_args(
@@ -651,7 +661,32 @@ def _read_bands(
     unique = sorted(set(bands))
     out_shape = None if shape is None else (len(unique), *shape)
     data = ds.read(unique, window=window, out_shape=out_shape, resampling=resampling)
+    if list(bands) == unique:
+        return data
     return data[[unique.index(b) for b in bands]]
+
+
+def _valid_from_nodata(src: rasterio.DatasetReader, bands: tuple[int, ...], data: np.ndarray) -> np.ndarray | None:
+    """GDAL's dataset mask computed from full-resolution ``data`` without reading the
+    bands again, or None when it cannot be (the mask comes from elsewhere).
+
+    Works when every band of the dataset reads its mask from one nodata value, or has
+    none (``all_valid``), and ``bands`` are all of the dataset's bands: GDAL then marks
+    a pixel invalid only where every band holds its nodata value (NaN nodata matches
+    NaN). Reading the mask through GDAL would decode the blocks a second time.
+    """
+    flags = src.mask_flag_enums
+    if sorted(set(bands)) != list(range(1, src.count + 1)):
+        return None
+    if all(f == [MaskFlags.all_valid] for f in flags):
+        return np.ones(data.shape[1:], dtype=bool)
+    if not all(f == [MaskFlags.nodata] for f in flags):
+        return None
+    invalid = np.ones(data.shape[1:], dtype=bool)
+    for band, b in zip(data, bands):
+        nodata = src.nodatavals[b - 1]
+        invalid &= np.isnan(band) if nodata is not None and math.isnan(nodata) else band == nodata
+    return ~invalid
 
 
 def _all_finite(data: np.ndarray) -> np.ndarray:
@@ -692,3 +727,57 @@ def _gdal_reason(exc: BaseException) -> str:
     """GDAL's own message for a failed read (rasterio chains it as the cause)."""
     cause = exc.__cause__ or exc.__context__
     return (str(cause) if cause is not None else str(exc)).rstrip(". ")  # callers add the period
+
+
+GDAL_CACHE_MB = 256
+"""GDAL block cache of a process that reads tiles, MiB (``SAM_GEO_GDAL_CACHE_MB``
+overrides). GDAL's default is 5 % of the machine's memory, which a reader of a large
+scene fills tile after tile; a fixed cap keeps a reader's memory independent of the
+scene size. Tiles are read once each, so a larger cache buys nothing."""
+
+
+class SceneReader:
+    """Reads tile windows, keeping datasets open between calls.
+
+    One per process (:func:`scene_reader`): a Ray worker process reads many tiles of the
+    same scenes, and opening a GeoTIFF (or a remote COG's header) for every tile would
+    cost more than reading the tile. At most ``max_open`` datasets stay open (least
+    recently used closed first). Not shared between threads (GDAL handles are not
+    thread-safe); Ray task workers run one task at a time.
+    """
+
+    def __init__(self, max_open: int = 16) -> None:
+        self.max_open = max_open
+        self._open: dict[str, rasterio.DatasetReader] = {}
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", int(os.environ.get("SAM_GEO_GDAL_CACHE_MB", GDAL_CACHE_MB)))
+
+    def read(self, scene: SceneInfo, stretch: Stretch, window: Window, out_shape: tuple[int, int] | None) -> WindowRead:
+        """:func:`read_window` on this process's open handle of ``scene.path``."""
+        return read_window(self._dataset(scene.path), scene, stretch, window, out_shape)
+
+    def _dataset(self, path: str) -> rasterio.DatasetReader:
+        src = self._open.pop(path, None)
+        if src is None or src.closed:
+            src = rasterio.open(path)
+        self._open[path] = src  # most recently used last
+        while len(self._open) > self.max_open:
+            oldest = next(iter(self._open))
+            self._open.pop(oldest).close()
+        return src
+
+    def close(self) -> None:
+        """Close every open dataset."""
+        for src in self._open.values():
+            src.close()
+        self._open.clear()
+
+
+_READER: SceneReader | None = None
+
+
+def scene_reader() -> SceneReader:
+    """This process's :class:`SceneReader`, made on first use."""
+    global _READER
+    if _READER is None:
+        _READER = SceneReader()
+    return _READER

@@ -9,14 +9,10 @@ and ``frame = (fy, fx)`` is the fraction of that grid one tile pixel spans.
 from __future__ import annotations
 
 import numpy as np
-import rasterio.features
-import shapely
-import shapely.affinity
 import torch
 import torch.nn.functional as F
-from affine import Affine
 
-from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.prompt_batch import PromptBatch
 
 
 MASK_PROMPT_LOGIT = 1.0
@@ -29,14 +25,21 @@ def mask_prompt_logits(masks: np.ndarray, frame: tuple[float, float], size: int 
 
     SAM's mask input covers the model's input frame at a quarter of its resolution;
     ``frame`` (fy, fx) is the fraction of that frame one tile pixel spans.
+
+    Needs shapely and rasterio, imported here so that the rest of the model layer
+    imports without the geospatial stack (a bare GPU machine runs boxes and points).
     """
+    import rasterio.features
+    import shapely
+    import shapely.affinity
+
     fy, fx = frame
-    to_low = Affine.scale(fx * size, fy * size)
+    to_low = [fx * size, 0.0, 0.0, fy * size, 0.0, 0.0]  # shapely's [a, b, d, e, xoff, yoff]: a scale
     out = np.full((len(masks), 1, size, size), -MASK_PROMPT_LOGIT, dtype=np.float32)
     for k, wkb in enumerate(masks):
         if wkb is None:
             continue
-        geom = shapely.affinity.affine_transform(shapely.from_wkb(wkb), to_low.to_shapely())
+        geom = shapely.affinity.affine_transform(shapely.from_wkb(wkb), to_low)
         burned = rasterio.features.rasterize([(geom, 1)], out_shape=(size, size), all_touched=False, dtype="uint8")
         out[k, 0][burned > 0] = MASK_PROMPT_LOGIT
     return out

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_geo.errors import ConfigError, WeightsError
-from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.prompt_batch import PromptBatch
 from sam_geo.model.checkpoints import (
     load_checkpoint,
     SAM21_ONLY_KEYS,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_geo.errors import ConfigError
-from sam_geo.io.prompts import PromptBatch
+from sam_geo.io.prompt_batch import PromptBatch
 from sam_geo.model.masks import choose_masks, logits_windows, mask_prompt_logits
 from sam_geo.model.registry import build_sam, get_spec
 

@@ -9,7 +9,8 @@ SAM's quality filters come back from the model actors as polygons
 (:class:`~sam_geo.geo.stitch.Piece`), and :func:`sam_geo.geo.stitch.stitch` joins the pieces
 that overlapping tiles saw of one object into one polygon. No whole-scene array is made.
 
-Per tile (:meth:`AutoTileTask.execute`, in the model actor):
+Per tile, in three stages (:class:`~sam_geo.run.tasks.TileTask`): steps 1-2 in the load
+stage, 3-4 in the model host, 5-6 in the finish stage:
 
 1. read the window; a window without valid pixels is reported as ``skipped_nodata``;
 2. ``points_per_side ** 2`` points (segment-anything's ``build_point_grid``) over the
@@ -48,13 +49,13 @@ from sam_geo.geo.stitch import Piece, greedy_suppression, piece_from_geometry, s
 from sam_geo.geo.tiles import TileGrid
 from sam_geo.geo.vectorize import geometry_area_m2, mask_to_geometry
 from sam_geo.io.labels import check_labels_path, write_labels_raster
-from sam_geo.io.scenes import SceneInfo, compute_stretch
+from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
 from sam_geo.model.registry import get_spec
 from sam_geo.model.sam_backend import SamBackend
-from sam_geo.run.host import HostConfig, ModelHost, timed
+from sam_geo.run.host import ModelHost, timed
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, area_in_crs_units, reproject_geometries
 from sam_geo.run.summary import RunSummary
-from sam_geo.run.tasks import TileResult, TileTask
+from sam_geo.run.tasks import PostConfig, TileInput, TileResult, TileTask
 from sam_geo.settings import Settings
 
 AUTO_COLUMNS = ("object_id", "score", "stability", "area_m2", "n_tiles")
@@ -101,16 +102,45 @@ class AutoTileTask(TileTask):
 
     settings: Settings
 
-    def execute(self, host: ModelHost) -> AutoTileResult:
-        """Segment the tile automatically (see the module docs)."""
-        return run_auto_tile(self, host)
+    def load(self, reader: SceneReader) -> TileInput:
+        """Read the window and lay the point grid on its valid pixels."""
+        tile_input = TileInput(window=None)
+        with timed(tile_input.seconds, "read"):
+            window = self.read(reader)
+        if not window.valid.any():
+            tile_input.needs_model = False
+            return tile_input
+        points = grid_points(window.valid, self.settings.points_per_side)
+        if self.settings.skip_covered:
+            points = points[coarse_to_fine_order(window.valid.shape, points, self.settings.points_per_side)]
+        tile_input.window, tile_input.payload = window, points
+        tile_input.needs_model = len(points) > 0
+        return tile_input
+
+    def infer(self, host: ModelHost, tile_input: TileInput) -> AutoCandidates:
+        """Encode once, decode the point grid, keep the masks that pass SAM's filters."""
+        return decode_grid(self, host, tile_input)
+
+    def finish(self, tile_input: TileInput, output: AutoCandidates | None, post: PostConfig) -> AutoTileResult:
+        """Kept masks -> pieces (polygons in the scene CRS), non-maximum suppressed."""
+        result = AutoTileResult(tile_key=self.key, seconds=tile_input.seconds)
+        result.skipped_nodata = tile_input.window is None
+        if output is None:
+            return result
+        result.encoded = True
+        result.points, result.points_skipped = output.points, output.points_skipped
+        with timed(result.seconds, "vectorize"):
+            frame = _Frame(tile_input.window.valid.shape, output.input_hw)
+            pieces = _vectorize(output.candidates, tile_input.window.valid, frame, self, post)
+            result.objects = _box_nms(pieces, self.settings.box_nms_thresh)
+        return result
 
 
 @dataclass
 class _Candidate:
     """A mask that passed the filters, kept as a crop of its low-resolution logits."""
 
-    logits: torch.Tensor  # (h, w) float16, cells of SAM's 256 x 256 output
+    logits: Any  # (h, w) float16 tensor, then numpy: cells of SAM's 256 x 256 output
     origin: tuple[int, int]  # (row, col) of the crop's first cell
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1) cells, inclusive
     score: float
@@ -131,27 +161,25 @@ class _Frame:
         return math.ceil(self.input_hw[0] / 4), math.ceil(self.input_hw[1] / 4)
 
 
-def run_auto_tile(task: AutoTileTask, host: ModelHost) -> AutoTileResult:
-    """Segment one tile automatically (see the module docs); polygons in the scene CRS."""
-    result = AutoTileResult(tile_key=task.key)
-    seconds = result.seconds
+@dataclass
+class AutoCandidates:
+    """The model stage's output for an automatic tile: masks that passed the filters."""
+
+    candidates: list[_Candidate]
+    input_hw: tuple[int, int]
+    points: int
+    points_skipped: int
+
+
+def decode_grid(task: AutoTileTask, host: ModelHost, tile_input: TileInput) -> AutoCandidates:
+    """Encode the tile once and decode its point grid in batches (see the module docs)."""
     backend = host.backend
     if not isinstance(backend, SamBackend):
         raise ConfigError(
             f"automatic segmentation needs a SAM or MobileSAM model; {host.config.model!r} is not one"
         )
-    with timed(seconds, "read"):
-        window = host.read(task.scene, task.stretch, task.tile)
-    if not window.valid.any():
-        result.skipped_nodata = True
-        return result
-    points = grid_points(window.valid, task.settings.points_per_side)
-    if task.settings.skip_covered:
-        points = points[coarse_to_fine_order(window.valid.shape, points, task.settings.points_per_side)]
-    if len(points) == 0:
-        return result
+    seconds, window, points = tile_input.seconds, tile_input.window, tile_input.payload
     embedding, input_hw = host.encode(window.rgb, seconds)
-    result.encoded = True
     frame = _Frame(window.valid.shape, input_hw)
     batch = task.settings.batch_size or (
         GPU_POINTS_PER_BATCH if host.device.type == "cuda" else CPU_POINTS_PER_BATCH
@@ -167,12 +195,9 @@ def run_auto_tile(task: AutoTileTask, host: ModelHost) -> AutoTileResult:
             coverage.add(found)
         candidates += found
         decoded += len(part)
-    result.points = decoded
-    result.points_skipped = len(points) - decoded
-    with timed(seconds, "vectorize"):
-        pieces = _vectorize(candidates, window.valid, frame, task, host.config)
-        result.objects = _box_nms(pieces, task.settings.box_nms_thresh)
-    return result
+    for cand in candidates:  # numpy through the object store
+        cand.logits = cand.logits.numpy()
+    return AutoCandidates(candidates, input_hw, decoded, len(points) - decoded)
 
 
 def grid_points(valid: np.ndarray, points_per_side: int) -> np.ndarray:
@@ -349,7 +374,7 @@ def _box_nms(pieces: list[Piece], threshold: float) -> list[Piece]:
 
 
 def _vectorize(
-    candidates: list[_Candidate], valid: np.ndarray, frame: _Frame, task: AutoTileTask, config: HostConfig
+    candidates: list[_Candidate], valid: np.ndarray, frame: _Frame, task: AutoTileTask, config: PostConfig
 ) -> list[Piece]:
     """Kept masks -> pieces: upsampled over their box, ANDed with valid, vectorized."""
     tile = task.tile
@@ -399,7 +424,7 @@ def _upsample_cells(cand: _Candidate, crop: tuple[int, int, int, int], frame: _F
     """
     r0, c0, r1, c1 = crop
     scale = _cells_per_px(frame)
-    logits = cand.logits.float()
+    logits = torch.as_tensor(cand.logits).float()
     h, w = logits.shape
     ys = (torch.arange(r0, r1, dtype=torch.float32) + 0.5) * scale - 0.5 - cand.origin[0]
     xs = (torch.arange(c0, c1, dtype=torch.float32) + 0.5) * scale - 0.5 - cand.origin[1]

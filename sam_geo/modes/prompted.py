@@ -38,11 +38,12 @@ from sam_geo.io.prompts import (
     plan_prompt_tiles,
     read_prompt_layer,
 )
-from sam_geo.io.scenes import SceneInfo, Stretch, compute_stretch
+from sam_geo.io.scenes import SceneInfo, SceneReader, Stretch, compute_stretch
 from sam_geo.run.host import ModelHost, timed
+from sam_geo.run.post import PromptMasks, prompt_polygons
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, reproject_geometries
 from sam_geo.run.summary import RunSummary
-from sam_geo.run.tasks import PromptResult, TileResult, TileTask
+from sam_geo.run.tasks import PostConfig, PromptResult, TileInput, TileResult, TileTask
 from sam_geo.run.workdir import digest
 from sam_geo.settings import Settings
 
@@ -70,21 +71,31 @@ class PromptedTask(TileTask):
 
     prompts: PromptBatch
 
-    def execute(self, host: ModelHost) -> PromptedResult:
-        """Read, drop prompts on nodata, encode once, decode; polygons in the scene CRS."""
-        result = PromptedResult(tile_key=self.key)
-        with timed(result.seconds, "read"):
-            window = host.read(self.scene, self.stretch, self.tile)
-        if not window.valid.any():
-            result.skipped_nodata = True
-            result.on_nodata = [int(i) for i in self.prompts.index]
-            return result
-        prompts = to_tile_pixels(self.prompts, self.tile)
-        usable = prompts_on_data(prompts, window.valid)
-        result.on_nodata = [int(i) for i in prompts.index[~usable]]
-        prompts = prompts.take(np.flatnonzero(usable))
-        if len(prompts):
-            result.results = host.decode_prompts(window, self.tile, prompts, result.seconds)
+    def load(self, reader: SceneReader) -> TileInput:
+        """Read the window, put the prompts in tile pixels, set aside those on nodata."""
+        tile_input = TileInput(window=None)
+        with timed(tile_input.seconds, "read"):
+            window = self.read(reader)
+            prompts = to_tile_pixels(self.prompts, self.tile)
+            usable = prompts_on_data(prompts, window.valid) if window.valid.any() else np.zeros(len(prompts), bool)
+        tile_input.window = window if window.valid.any() else None
+        tile_input.payload = (prompts.take(np.flatnonzero(usable)), [int(i) for i in prompts.index[~usable]])
+        tile_input.needs_model = bool(usable.any())
+        return tile_input
+
+    def infer(self, host: ModelHost, tile_input: TileInput) -> PromptMasks:
+        """Encode once, decode the prompts on data (model calls only)."""
+        prompts, _ = tile_input.payload
+        return host.decode_prompts(tile_input.window.rgb, prompts, tile_input.seconds)
+
+    def finish(self, tile_input: TileInput, output: PromptMasks | None, post: PostConfig) -> PromptedResult:
+        """Polygons of the decoded prompts, in the scene CRS."""
+        _, on_nodata = tile_input.payload
+        result = PromptedResult(tile_key=self.key, seconds=tile_input.seconds, on_nodata=on_nodata)
+        result.skipped_nodata = tile_input.window is None
+        if output is not None:
+            with timed(result.seconds, "vectorize"):
+                result.results = prompt_polygons(output, tile_input.window, self.tile, post)
             result.encoded = True
         return result
 

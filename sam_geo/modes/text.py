@@ -27,12 +27,13 @@ from sam_geo.errors import ConfigError
 from sam_geo.geo.tiles import Tile, TileGrid
 from sam_geo.geo.vectorize import geometry_area_m2
 from sam_geo.io.prompts import PromptBatch
-from sam_geo.io.scenes import SceneInfo, compute_stretch
+from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
 from sam_geo.model.detector import require_transformers
 from sam_geo.run.host import ModelHost, timed
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, reproject_geometries
 from sam_geo.run.summary import RunSummary
-from sam_geo.run.tasks import TileResult, TileTask
+from sam_geo.run.post import PromptMasks, prompt_polygons
+from sam_geo.run.tasks import PostConfig, TileInput, TileResult, TileTask
 from sam_geo.settings import Settings
 
 
@@ -44,9 +45,42 @@ class TextTileTask(TileTask):
     box_threshold: float | None = None
     text_threshold: float | None = None
 
-    def execute(self, host: ModelHost) -> TextTileResult:
-        """Detect, keep detections centred in the core, encode once, decode, vectorize."""
-        return run_text_tile(host, self)
+    def load(self, reader: SceneReader) -> TileInput:
+        """Read the window."""
+        tile_input = TileInput(window=None)
+        with timed(tile_input.seconds, "read"):
+            window = self.read(reader)
+        tile_input.window = window if window.valid.any() else None
+        tile_input.needs_model = tile_input.window is not None
+        return tile_input
+
+    def infer(self, host: ModelHost, tile_input: TileInput) -> TextMasks | None:
+        """Detect, keep detections centred in the core, encode once, decode."""
+        return detect_and_decode(host, self, tile_input)
+
+    def finish(self, tile_input: TileInput, output: TextMasks | None, post: PostConfig) -> TextTileResult:
+        """The detected objects' polygons, in the scene CRS."""
+        result = TextTileResult(tile_key=self.key, seconds=tile_input.seconds)
+        result.skipped_nodata = tile_input.window is None
+        if output is None:
+            return result
+        with timed(result.seconds, "vectorize"):
+            records = prompt_polygons(output.masks, tile_input.window, self.tile, post)
+        for record in records:
+            k = record.prompt_index
+            phrase = self.phrases[int(output.labels[k])]
+            result.objects.append(TextObject(record.wkb, record.score, float(output.detector_scores[k]), phrase))
+        result.encoded = True
+        return result
+
+
+@dataclass
+class TextMasks:
+    """The model stage's output for a text tile: decoded detections and their labels."""
+
+    masks: PromptMasks
+    detector_scores: np.ndarray
+    labels: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -66,30 +100,23 @@ class TextTileResult(TileResult):
     objects: list[TextObject] = field(default_factory=list)
 
 
-def run_text_tile(host: ModelHost, task: TextTileTask) -> TextTileResult:
-    """Detect, keep detections centred in the core, encode once, decode, vectorize."""
-    result = TextTileResult(tile_key=task.key)
-    with timed(result.seconds, "read"):
-        window = host.read(task.scene, task.stretch, task.tile)
-    if not window.valid.any():
-        result.skipped_nodata = True
-        return result
+def detect_and_decode(host: ModelHost, task: TextTileTask, tile_input: TileInput) -> TextMasks | None:
+    """Detect the phrases, keep detections centred in the tile's core, decode their
+    boxes; None when nothing is kept."""
+    window = tile_input.window
     detector = host.detector()
-    with host.hold_model(), timed(result.seconds, "detect"):
+    with host.hold_model(), timed(tile_input.seconds, "detect"):
         found = detector.detect(
             window.rgb, list(task.phrases), box_threshold=task.box_threshold, text_threshold=task.text_threshold
         )
     keep = _owned(found.boxes, task.tile, window.valid)
     if not keep.any():
-        return result
+        return None
     boxes, scores, labels = found.boxes[keep], found.scores[keep], found.labels[keep]
     n = len(boxes)
     prompts = PromptBatch(np.arange(n), boxes, np.zeros((n, 0, 2)), np.zeros((n, 0), np.int32))
-    for record in host.decode_prompts(window, task.tile, prompts, result.seconds):
-        k = record.prompt_index
-        result.objects.append(TextObject(record.wkb, record.score, float(scores[k]), task.phrases[int(labels[k])]))
-    result.encoded = True
-    return result
+    masks = host.decode_prompts(window.rgb, prompts, tile_input.seconds)
+    return TextMasks(masks, np.asarray(scores, dtype=np.float64), np.asarray(labels))
 
 
 DUPLICATE_IOU = 0.8

@@ -29,19 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-import rasterio.env
-import shapely
 import torch
-from affine import Affine
 
-from sam_geo.geo.tiles import Tile
-from sam_geo.geo.vectorize import mask_to_geometry
 from sam_geo.io.prompts import PromptBatch
-from sam_geo.io.scenes import SceneInfo, Stretch, WindowRead, read_window
-from sam_geo.model.masks import crop_for_prompt, upsample_crop
+from sam_geo.model.masks import crop_for_prompt, logits_windows
 from sam_geo.model.sam_backend import SamBackend, build_backend, resolve_device, resolve_precision
-from sam_geo.run.tasks import PromptResult, TileResult, TileTask
+from sam_geo.run.post import PromptMasks
+from sam_geo.run.standin import StandinBackend
+from sam_geo.run.tasks import ModelOutput, PostConfig, TileInput, TileTask
 
 CPU_HEAP_KEEP_MB = 1024
 """Freed memory (MiB) that glibc's allocator keeps for reuse in a CPU model process
@@ -67,13 +62,6 @@ is compute-bound at batch 1 already, so tiles are encoded one by one there."""
 
 ENCODE_BATCH_WAIT_S = 0.02
 """Longest wait (seconds) for more tiles to fill an encoder batch once one tile is ready."""
-
-
-GDAL_CACHE_MB = 256
-"""GDAL block cache of a model actor, MiB (``SAM_GEO_GDAL_CACHE_MB`` overrides). GDAL's
-default is 5 % of the machine's memory, which an actor reading a large scene fills
-tile after tile; a fixed cap keeps an actor's memory independent of the scene size.
-Tiles are read once each, so a larger cache buys nothing."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +92,15 @@ class HostConfig:
     of this many model pixels a side around its box (at least the box's mask window),
     not the whole tile; None or 0: the whole tile, SAM's own outputs. No effect on CUDA
     or on point-only prompts."""
+
+    standin_ms: float | None = None
+    """Build the stand-in model (:mod:`sam_geo.run.standin`, this many ms per encoder
+    call) instead of ``model``: for measuring the runtime, never for results."""
+
+    @property
+    def post(self) -> PostConfig:
+        """What the finish stage needs of this configuration."""
+        return PostConfig(min_area=self.min_area, simplify=self.simplify)
 
 
 @contextmanager
@@ -199,10 +196,10 @@ class ModelHost:
             keep_freed_memory_for_reuse()
         if config.threads:
             torch.set_num_threads(config.threads)
-        rasterio.env.set_gdal_config("GDAL_CACHEMAX", int(os.environ.get("SAM_GEO_GDAL_CACHE_MB", GDAL_CACHE_MB)))
-        self.backend = build_backend(config.model, Path(config.weights), self.device, multimask=config.multimask)
-        self._local = threading.local()  # dataset handles are per thread
-        self._all_datasets: list[rasterio.DatasetReader] = []
+        if config.standin_ms is not None:
+            self.backend: Any = StandinBackend(config.standin_ms)
+        else:
+            self.backend = build_backend(config.model, Path(config.weights), self.device, multimask=config.multimask)
         self._model_lock = threading.Lock()  # one model call at a time per actor
         self._model_seconds = 0.0
         self._tiles = 0
@@ -317,69 +314,51 @@ class ModelHost:
             logits, scores = self.backend.decode(embedding, input_hw, tile_hw, prompts)
         return logits.float(), scores
 
-    # -- datasets ------------------------------------------------------------------
-
-    def _dataset(self, path: str) -> rasterio.DatasetReader:
-        """This thread's open handle on ``path`` (GDAL handles are not thread-safe)."""
-        datasets: dict[str, rasterio.DatasetReader] = self._local.__dict__.setdefault("datasets", {})
-        src = datasets.get(path)
-        if src is None or src.closed:
-            src = rasterio.open(path)
-            datasets[path] = src
-            self._all_datasets.append(src)
-        return src
-
-    def close(self) -> None:
-        for src in self._all_datasets:
-            src.close()
-        self._all_datasets.clear()
-
     # -- one tile ------------------------------------------------------------------
 
-    def run(self, task: TileTask) -> TileResult:
-        """Run a tile task of any mode on this host's model."""
+    def infer(self, task: TileTask, tile_input: TileInput) -> ModelOutput:
+        """Run a tile task's model stage (:meth:`TileTask.infer`) on this host's model;
+        the seconds it records come back with its output, not in ``tile_input``."""
         if self._first_tile is None:
             self._first_tile = time.perf_counter()
-        result = task.execute(self)
+        before, tile_input.seconds = tile_input.seconds, {}
+        try:
+            value = task.infer(self, tile_input)
+        finally:
+            spent, tile_input.seconds = tile_input.seconds, before
         self._tiles += 1
-        return result
+        return ModelOutput(value, spent)
 
-    def read(self, scene: SceneInfo, stretch: Stretch, tile: Tile) -> WindowRead:
-        """The tile's pixels as model-ready RGB plus its validity mask."""
-        out_shape = tile.shape if tile.scale != 1 else None
-        return read_window(self._dataset(scene.path), scene, stretch, tile.read_window, out_shape)
+    def decode_prompts(self, rgb: np.ndarray, prompts: PromptBatch, seconds: dict[str, float]) -> PromptMasks:
+        """Encode the tile once and decode ``prompts`` (tile pixels) against it.
 
-    def decode_prompts(
-        self, window: WindowRead, tile: Tile, prompts: PromptBatch, seconds: dict[str, float]
-    ) -> list[PromptResult]:
-        """Encode the window once and decode ``prompts`` (tile pixels) against it.
-
-        Prompts go in batches of one kind (:func:`decode_batches`); each mask is
-        upsampled over its prompt's crop only, ANDed with the window's valid pixels and
-        vectorized on the tile's affine, so polygons come back in the scene CRS (WKB;
-        ``None`` for an empty mask). ``seconds`` gains encode, decode and vectorize.
+        Prompts go in batches of one kind (:func:`decode_batches`). Per prompt, only the
+        cells of the low-resolution logits its mask can use come back
+        (:func:`~sam_geo.model.masks.logits_windows`), on the CPU, for the finish stage
+        (:func:`sam_geo.run.post.prompt_polygons`). ``seconds`` gains encode and decode.
         """
-        embedding, input_hw = self.encode(window.rgb, seconds)
-        tile_hw = window.rgb.shape[:2]
-        out: list[PromptResult] = []
+        embedding, input_hw = self.encode(rgb, seconds)
+        tile_hw = rgb.shape[:2]
+        frame = self.backend.logits_frame(tile_hw, input_hw)
+        index, scores, crops, cells, logits_out = [], [], [], [], []
+        grid_hw = (0, 0)
         for part in decode_batches(prompts, self.batch_size):
-            logits, scores = self.decode(embedding, input_hw, tile_hw, part, seconds)
-            with timed(seconds, "vectorize"):
-                frame = self.backend.logits_frame(tile_hw, input_hw)
-                out += [self._polygon(part, k, logits[k], float(scores[k]), window, tile, frame) for k in range(len(part))]
-        return out
-
-    def _polygon(
-        self, prompts: PromptBatch, k: int, logits: torch.Tensor, score: float, window: WindowRead, tile: Tile,
-        frame: tuple[float, float],
-    ) -> PromptResult:
-        r0, c0, r1, c1 = crop_for_prompt(prompts, k, window.valid.shape)
-        mask = upsample_crop(logits, (r0, c0, r1, c1), frame) & window.valid[r0:r1, c0:c1]
-        geom = mask_to_geometry(
-            mask, tile.transform @ Affine.translation(c0, r0), min_area=self.config.min_area,
-            simplify=self.config.simplify,
-        )
-        return PromptResult(int(prompts.index[k]), score, None if geom is None else shapely.to_wkb(geom))
+            logits, part_scores = self.decode(embedding, input_hw, tile_hw, part, seconds)
+            grid_hw = (int(logits.shape[-2]), int(logits.shape[-1]))
+            windows = logits_windows(part, tile_hw, frame, size=grid_hw[0])
+            with timed(seconds, "decode"):
+                host_logits = logits.cpu()
+            for k, (a0, b0, a1, b1) in enumerate(windows.tolist()):
+                logits_out.append(host_logits[k, a0:a1, b0:b1].numpy().copy())
+                crops.append(crop_for_prompt(part, k, tile_hw))
+            index.append(part.index)
+            scores.append(part_scores)
+            cells.append(windows)
+        if not index:
+            return PromptMasks(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4), np.int64),
+                               np.zeros((0, 4), np.int64), [], frame, grid_hw)
+        return PromptMasks(np.concatenate(index), np.concatenate(scores), np.asarray(crops, np.int64).reshape(-1, 4),
+                           np.concatenate(cells), logits_out, frame, grid_hw)
 
 
 def decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:

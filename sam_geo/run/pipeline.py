@@ -37,6 +37,7 @@ from sam_geo.io.writers import check_output_path, write_vector
 from sam_geo.model.registry import ResolvedWeights, resolve_weights
 from sam_geo.model.sam_backend import precision_name, resolve_device
 from sam_geo.run.host import HostConfig
+from sam_geo.run.standin import standin_ms
 from sam_geo.run.runtime import RunTimer, run_tiles
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import TileResult, TileTask
@@ -192,6 +193,7 @@ def host_config(settings: Settings, weights: ResolvedWeights, scene: SceneInfo, 
         detector=settings.detector if mode == "text" else None,
         min_area=area_in_crs_units(scene, settings.speck_area_m2(mode)),
         simplify=metres_in_crs_units(scene, settings.simplify_m),
+        standin_ms=standin_ms(),
     )
 
 

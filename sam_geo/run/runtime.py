@@ -1,27 +1,39 @@
-"""Running tile tasks on Ray model actors (or in-process for debugging).
+"""Running tile tasks: three streamed stages on Ray (or all in this process for debugging).
 
-Each actor builds one model when it starts (on its GPU when the cluster has GPUs:
-``num_gpus=1`` per actor, one actor per GPU by default; on CPU otherwise) and opens the
-scenes it is asked to read. Tasks are descriptors (scene path, tile, prompts), never
-pixels; results are polygons as WKB.
+Each tile goes through the stages of :class:`~sam_geo.run.tasks.TileTask`::
 
-Keeping the model busy: on a GPU every actor is a threaded actor with several tasks in
-flight (:func:`tasks_per_actor`: ``encode_batch + 1``);
-:class:`~sam_geo.run.host.ModelHost` serialises model calls with a lock, so one task's
-window read and vectorization overlap another's encoder and decoder work, and the tiles
-of several tasks go through the image encoder in one batch
-(:class:`~sam_geo.run.host.EncodeBatcher`). On CPU an actor runs one task at a time: its
-torch threads already use every core it has, so there is nothing to overlap with, and a
-second Python thread reading or vectorizing holds the GIL that each of the decoder's
-many small torch calls needs (measured: the decoder ran 40-55 % slower inside the
-actor than alone; one task at a time brings it back to its alone speed).
+    load (Ray task, 1 CPU, any node)  -> pixels in the object store
+      -> infer (model actor: encoder + decoder calls only)  -> logits crops
+      -> finish (Ray task, 1 CPU, any node)  -> TileResult (WKB polygons)
+
+The three calls of a tile are submitted together (Ray runs each when its inputs are
+ready), to the model actor with the fewest tiles in flight; at most
+:func:`tiles_in_flight` tiles per actor are in flight at once, which bounds the pixels
+held in the object store however many tiles a run has (backpressure), and keeps the next
+tiles read while the model works. Tasks are descriptors (scene path, tile, prompts),
+never pixels; results come back to the driver as they finish (in no order) and are
+handed on one by one.
+
+Model actors: one model each, built when the actor starts; on its GPU when the cluster
+has GPUs (``num_gpus=1`` per actor, one actor per GPU by default; Ray puts them on GPU
+nodes), on CPU otherwise, spread over the nodes, each with torch threads from its own
+node's CPU count (:func:`plan_cpu_actors`). On a GPU an actor is threaded
+(``encode_batch + 1`` calls at once) so that tiles of several calls go through the image
+encoder in one batch (:class:`~sam_geo.run.host.EncodeBatcher`). On CPU an actor runs
+one call at a time: its torch threads already use the cores it has.
+
+Why not Ray Data: measured on this project's 2-core CI machine (``benchmarks/feed.py
+--ray-data``), its streaming executor kept a 100 ms stand-in model busy 79 % of the time
+against 99 % for these plain tasks and actors, and took 3.4 s before the first result
+against 1.3 s (DESIGN.md, "Runtime").
 
 Fault tolerance, in two layers:
 
-* Ray restarts a crashed actor (the model reloads) and retries the tasks it held
-  (``max_restarts`` / ``max_task_retries`` = :data:`MAX_RESTARTS`);
+* Ray restarts a crashed actor (the model reloads) and retries the calls it held, and
+  reruns a load or finish task whose worker died (``max_restarts`` /
+  ``max_task_retries`` / ``max_retries`` = :data:`MAX_RESTARTS`);
 * the scheduling loop here replaces an actor that is gone for good (killed, or out of
-  restarts) and resubmits its tasks, and retries a task that raised up to
+  restarts) and resubmits its tiles, and retries a tile whose stage raised up to
   ``Settings.retries`` times; a tile that keeps failing comes back as a
   :class:`~sam_geo.run.tasks.TileResult` with ``error`` set, and the job goes on.
 
@@ -39,13 +51,15 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from sam_geo.errors import ConfigError
+from sam_geo.io.scenes import scene_reader
 from sam_geo.run.host import GPU_ENCODE_BATCH, HostConfig, ModelHost
-from sam_geo.run.tasks import TileResult, TileTask
+from sam_geo.run.tasks import ModelOutput, PostConfig, TileInput, TileResult, TileTask, finish_tile
 from sam_geo.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +72,16 @@ STATS_TIMEOUT_S = 10.0
 
 TASKS_PER_ACTOR = 2
 """Fewest tasks in flight per GPU actor: one using the model, one reading or vectorizing."""
+
+
+READ_AHEAD = 2
+"""Tiles per model actor loaded (or being finished) beyond those the actor works on."""
+
+
+def tiles_in_flight(config: HostConfig, on_gpu: bool) -> int:
+    """Tiles in flight per model actor, all stages together: what the actor works on at
+    once (:func:`tasks_per_actor`) plus :data:`READ_AHEAD`."""
+    return tasks_per_actor(config, on_gpu) + READ_AHEAD
 
 
 def tasks_per_actor(config: HostConfig, on_gpu: bool) -> int:
@@ -119,12 +143,13 @@ def _run_in_process(
 ) -> Iterator[TileResult]:
     start = time.perf_counter()
     host = ModelHost(config)
+    reader = scene_reader()
     timer.add("startup", time.perf_counter() - start)
     try:
         for task in tasks:
             for attempt in range(1, settings.retries + 2):
                 try:
-                    result = host.run(task)
+                    result = _run_stages(task, host, reader, config.post)
                 except Exception as exc:  # any failure of one tile is recorded, not fatal
                     log.warning("tile %s failed (attempt %d): %s", task.key, attempt, _reason(exc))
                     if attempt > settings.retries:
@@ -135,7 +160,23 @@ def _run_in_process(
                     break
     finally:
         timer.workers.append(host.stats())
-        host.close()
+
+
+def _run_stages(task: TileTask, host: ModelHost, reader: Any, post: PostConfig) -> TileResult:
+    """The three stages of a tile, one after the other, in this process."""
+    tile_input = task.load(reader)
+    output = host.infer(task, tile_input) if tile_input.needs_model else None
+    return finish_tile(task, tile_input, output, post)
+
+
+def load_stage(task: TileTask) -> TileInput:
+    """Stage 1, in a Ray task: read the tile with this worker process's reader."""
+    return task.load(scene_reader())
+
+
+def finish_stage(task: TileTask, tile_input: TileInput, output: ModelOutput | None, post: PostConfig) -> TileResult:
+    """Stage 3, in a Ray task."""
+    return finish_tile(task, tile_input, output, post)
 
 
 def ensure_ray(address: str | None) -> None:
@@ -202,7 +243,7 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
 
     @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS, max_concurrency=TASKS_PER_ACTOR)
     class SamActor:
-        """A Ray actor holding one :class:`ModelHost` (one model)."""
+        """A Ray actor holding one :class:`ModelHost` (one model): model calls only."""
 
         def __init__(self, config: HostConfig) -> None:
             self.host = ModelHost(config)
@@ -210,8 +251,10 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
         def ready(self) -> bool:
             return True
 
-        def run(self, task: Any) -> TileResult:
-            return self.host.run(task)
+        def infer(self, task: Any, tile_input: TileInput) -> Any:
+            if not tile_input.needs_model:
+                return None
+            return self.host.infer(task, tile_input)
 
         def stats(self) -> dict[str, Any]:
             return self.host.stats()
@@ -219,25 +262,85 @@ def _actor_class() -> Any:  # built lazily so importing sam_geo does not import 
     return SamActor
 
 
+def _stage_functions() -> tuple[Any, Any]:
+    """The load and finish stages as Ray remote functions (1 CPU each)."""
+    import ray
+
+    options = {"num_cpus": 1, "max_retries": MAX_RESTARTS}
+    return ray.remote(**options)(load_stage), ray.remote(**options)(finish_stage)
+
+
+@dataclass(frozen=True)
+class ActorSlot:
+    """Where one model actor runs and what it gets: a node (None: where Ray chooses,
+    e.g. any GPU node) and its torch threads (None: the config's)."""
+
+    node_id: str | None
+    threads: int | None
+
+
+def plan_cpu_actors(workers: int, node_cpus: dict[str, int], threads: int | None = None) -> list[ActorSlot]:
+    """Spread ``workers`` CPU model actors over nodes, in proportion to their CPUs.
+
+    Each actor goes to the node with the most CPUs per actor placed so far (ties: the
+    order of ``node_cpus``), and gets ``threads`` torch threads, or when None its node's
+    CPUs divided by the actors on that node (at least 1): threads come from each node's
+    own size, not the cluster's total.
+    """
+    if not node_cpus:
+        return [ActorSlot(None, threads) for _ in range(workers)]
+    placed = {node: 0 for node in node_cpus}
+    order: list[str] = []
+    for _ in range(workers):
+        node = max(node_cpus, key=lambda n: node_cpus[n] / (placed[n] + 1))
+        placed[node] += 1
+        order.append(node)
+    return [ActorSlot(node, threads or max(1, node_cpus[node] // placed[node])) for node in order]
+
+
+def _alive_cpu_nodes() -> dict[str, int]:
+    """Node id -> CPUs of the alive Ray nodes that have CPUs."""
+    import ray
+
+    out = {}
+    for node in ray.nodes():
+        cpus = int(node.get("Resources", {}).get("CPU", 0))
+        if node.get("Alive") and cpus > 0:
+            out[node["NodeID"]] = cpus
+    return out
+
+
 class _ActorFleet:
     """Model actors, replaced when one is gone for good."""
 
-    def __init__(self, workers: int, config: HostConfig, gpus: int, cpus: int) -> None:
-        if gpus:
-            self.options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
-            self.config = config
+    def __init__(self, workers: int, config: HostConfig, gpus: int) -> None:
+        self.on_gpu = gpus > 0
+        # Model actors hold no CPU slot: the slots are for the stage tasks, which would
+        # never run if the actors took all of a small node's; an actor's own CPU use is
+        # its torch threads, sized to its node (plan_cpu_actors).
+        if self.on_gpu:
+            self.options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 0}
+            self.slots = [ActorSlot(None, config.threads) for _ in range(workers)]
         else:
-            threads = config.threads or max(1, cpus // workers)
-            self.options = {"num_cpus": 1}
-            self.config = HostConfig(**{**config.__dict__, "threads": threads, "device": "cpu"})
-        self.tasks_per_actor = tasks_per_actor(self.config, gpus > 0)
+            self.options = {"num_cpus": 0}
+            self.slots = plan_cpu_actors(workers, _alive_cpu_nodes(), config.threads)
+            config = HostConfig(**{**config.__dict__, "device": "cpu"})
+        self.config = config
+        self.tasks_per_actor = tasks_per_actor(config, self.on_gpu)
+        self.in_flight = tiles_in_flight(config, self.on_gpu)
         self.options["max_concurrency"] = self.tasks_per_actor
         self.run_id = uuid.uuid4().hex[:8]
         self.actors = [self._new(i) for i in range(workers)]
 
     def _new(self, slot: int) -> Any:
-        name = f"sam-geo-{self.run_id}-{slot}-{uuid.uuid4().hex[:4]}"
-        return _actor_class().options(name=name, **self.options).remote(self.config)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        placement = self.slots[slot]
+        options = dict(self.options, name=f"sam-geo-{self.run_id}-{slot}-{uuid.uuid4().hex[:4]}")
+        if placement.node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placement.node_id, soft=True)
+        config = HostConfig(**{**self.config.__dict__, "threads": placement.threads})
+        return _actor_class().options(**options).remote(config)
 
     def wait_ready(self) -> None:
         import ray
@@ -271,57 +374,101 @@ class _ActorFleet:
             ray.kill(actor)
 
 
+@dataclass
+class _InFlight:
+    """One tile on its way through the stages; holds its refs so their objects live."""
+
+    index: int
+    slot: int
+    actor: Any
+    refs: tuple[Any, ...]
+
+
+class _StageScheduler:
+    """Submits tiles through the three stages, at most ``fleet.in_flight`` per actor."""
+
+    def __init__(self, tasks: list[TileTask], fleet: _ActorFleet, post: PostConfig, retries: int) -> None:
+        self.tasks, self.fleet, self.post, self.retries = tasks, fleet, post, retries
+        self.load, self.finish = _stage_functions()
+        self.pending: deque[int] = deque(range(len(tasks)))
+        self.attempts = [0] * len(tasks)
+        self.flying: dict[Any, _InFlight] = {}  # finish ref -> tile
+        self.per_slot = [0] * len(fleet.actors)
+
+    def fill(self) -> None:
+        """Submit pending tiles to the least busy actors while they have room."""
+        while self.pending:
+            slot = min(range(len(self.per_slot)), key=self.per_slot.__getitem__)
+            if self.per_slot[slot] >= self.fleet.in_flight:
+                return
+            index = self.pending.popleft()
+            self.attempts[index] += 1
+            task, actor = self.tasks[index], self.fleet.actors[slot]
+            loaded = self.load.remote(task)
+            output = actor.infer.remote(task, loaded)
+            finished = self.finish.remote(task, loaded, output, self.post)
+            self.flying[finished] = _InFlight(index, slot, actor, (loaded, output))
+            self.per_slot[slot] += 1
+
+    def next_done(self) -> tuple[_InFlight, Any]:
+        """Wait for a tile to finish; its record and its finish ref."""
+        import ray
+
+        ready, _ = ray.wait(list(self.flying), num_returns=1)
+        tile = self.flying.pop(ready[0])
+        self.per_slot[tile.slot] -= 1
+        return tile, ready[0]
+
+    def outcome(self, tile: _InFlight, ref: Any) -> TileResult | None:
+        """The tile's result; a failure is retried (None) until out of attempts."""
+        import ray
+
+        task, attempts = self.tasks[tile.index], self.attempts[tile.index]
+        try:
+            result = ray.get(ref)
+        except Exception as exc:  # the actor died, or a stage raised
+            died = _actor_died(exc)
+            if died:
+                self.fleet.replace(tile.slot, tile.actor)
+            else:
+                log.warning("tile %s failed (attempt %d): %s", task.key, attempts, _reason(exc))
+            if attempts > self.retries:
+                return _failed(task, f"worker died: {_reason(exc)}" if died else _reason(exc), attempts)
+            (self.pending.appendleft if died else self.pending.append)(tile.index)
+            return None
+        result.attempts = attempts
+        return result
+
+
+def _actor_died(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the error it wraps) says a model actor is gone."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    kinds = (RayActorError, ActorDiedError, ActorUnavailableError)
+    return isinstance(exc, kinds) or isinstance(getattr(exc, "cause", None), kinds)
+
+
 def _run_on_ray(
     tasks: list[TileTask], config: HostConfig, settings: Settings, timer: RunTimer
 ) -> Iterator[TileResult]:
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     start = time.perf_counter()
     ensure_ray(settings.address)
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = min(settings.workers or max(gpus, 1), len(tasks))
-    fleet = _ActorFleet(workers, config, gpus, cpus)
+    fleet = _ActorFleet(workers, config, gpus)
     fleet.wait_ready()
     timer.add("startup", time.perf_counter() - start)
-
-    pending: deque[tuple[int, Any]] = deque(enumerate(tasks))
-    attempts = [0] * len(tasks)
-    in_flight: dict[Any, tuple[int, Any, int]] = {}  # ref -> (slot, actor, task index)
-
-    def submit(slot: int) -> None:
-        while pending and sum(1 for s, _, _ in in_flight.values() if s == slot) < fleet.tasks_per_actor:
-            index, task = pending.popleft()
-            attempts[index] += 1
-            actor = fleet.actors[slot]
-            in_flight[actor.run.remote(task)] = (slot, actor, index)
-
+    scheduler = _StageScheduler(tasks, fleet, config.post, settings.retries)
     try:
-        for slot in range(workers):
-            submit(slot)
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, actor, index = in_flight.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                fleet.replace(slot, actor)
-                if attempts[index] > settings.retries:
-                    yield _failed(tasks[index], f"worker died: {_reason(exc)}", attempts[index])
-                else:
-                    pending.appendleft((index, tasks[index]))
-            except Exception as exc:  # the task raised: retry, then record
-                log.warning("tile %s failed (attempt %d): %s", tasks[index].key, attempts[index], _reason(exc))
-                if attempts[index] > settings.retries:
-                    yield _failed(tasks[index], _reason(exc), attempts[index])
-                else:
-                    pending.append((index, tasks[index]))
-            else:
-                result.attempts = attempts[index]
+        scheduler.fill()
+        while scheduler.flying:
+            tile, ref = scheduler.next_done()
+            result = scheduler.outcome(tile, ref)
+            if result is not None:
                 yield result
-            for s in range(workers):
-                submit(s)
+            scheduler.fill()
     finally:
         timer.workers += fleet.stats()
         fleet.kill_all()
