@@ -52,7 +52,7 @@ from sam_geo.io.labels import check_labels_path, write_labels_raster
 from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
 from sam_geo.model.registry import get_spec
 from sam_geo.model.sam_backend import SamBackend
-from sam_geo.run.host import ModelHost, timed
+from sam_geo.run.host import ModelHost, cpu_timed, timed
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, area_in_crs_units, reproject_geometries
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import PostConfig, TileInput, TileResult, TileTask
@@ -105,7 +105,7 @@ class AutoTileTask(TileTask):
     def load(self, reader: SceneReader) -> TileInput:
         """Read the window and lay the point grid on its valid pixels."""
         tile_input = TileInput(window=None)
-        with timed(tile_input.seconds, "read"):
+        with cpu_timed(tile_input.seconds, "read"):
             window = self.read(reader)
         if not window.valid.any():
             tile_input.needs_model = False
@@ -129,7 +129,7 @@ class AutoTileTask(TileTask):
             return result
         result.encoded = True
         result.points, result.points_skipped = output.points, output.points_skipped
-        with timed(result.seconds, "vectorize"):
+        with cpu_timed(result.seconds, "vectorize"):
             frame = _Frame(tile_input.window.valid.shape, output.input_hw)
             pieces = _vectorize(output.candidates, tile_input.window.valid, frame, self, post)
             result.objects = _box_nms(pieces, self.settings.box_nms_thresh)
@@ -526,14 +526,15 @@ class AutoMode:
         first scene's CRS with a ``scene`` column when there are several."""
         summary.prompts.used = sum(getattr(r, "points", 0) for r in results)
         summary.prompts.skipped_covered = sum(getattr(r, "points_skipped", 0) for r in results)
-        started = time.perf_counter()
-        by_key = {r.tile_key: r for r in results if not r.error}
-        parts: dict[str, list[tuple[Any, list[Piece]]]] = {info.path: [] for info in self.scenes}
-        for task in self.tasks:  # one pass: a mosaic may hold thousands of scenes
-            if task.key in by_key:
-                parts[task.scene.path].append((task.tile, by_key[task.key].objects))
-        frames = [stitched_frame(info, parts[info.path], self.settings, summary) for info in self.scenes]
-        summary.add_seconds({"stitch": time.perf_counter() - started})
+        seconds: dict[str, float] = {}
+        with cpu_timed(seconds, "stitch"):
+            by_key = {r.tile_key: r for r in results if not r.error}
+            parts: dict[str, list[tuple[Any, list[Piece]]]] = {info.path: [] for info in self.scenes}
+            for task in self.tasks:  # one pass: a mosaic may hold thousands of scenes
+                if task.key in by_key:
+                    parts[task.scene.path].append((task.tile, by_key[task.key].objects))
+            frames = [stitched_frame(info, parts[info.path], self.settings, summary) for info in self.scenes]
+        summary.add_seconds(seconds)
         if len(frames) == 1:
             return frames[0]
         return merge_scene_frames([f.assign(scene=i.path) for f, i in zip(frames, self.scenes)])

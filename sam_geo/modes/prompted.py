@@ -39,7 +39,7 @@ from sam_geo.io.prompts import (
     read_prompt_layer,
 )
 from sam_geo.io.scenes import SceneInfo, SceneReader, Stretch, compute_stretch
-from sam_geo.run.host import ModelHost, timed
+from sam_geo.run.host import ModelHost, cpu_timed
 from sam_geo.run.post import PromptMasks, prompt_polygons
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, reproject_geometries
 from sam_geo.run.summary import RunSummary
@@ -74,7 +74,7 @@ class PromptedTask(TileTask):
     def load(self, reader: SceneReader) -> TileInput:
         """Read the window, put the prompts in tile pixels, set aside those on nodata."""
         tile_input = TileInput(window=None)
-        with timed(tile_input.seconds, "read"):
+        with cpu_timed(tile_input.seconds, "read"):
             window = self.read(reader)
             prompts = to_tile_pixels(self.prompts, self.tile)
             usable = prompts_on_data(prompts, window.valid) if window.valid.any() else np.zeros(len(prompts), bool)
@@ -94,7 +94,7 @@ class PromptedTask(TileTask):
         result = PromptedResult(tile_key=self.key, seconds=tile_input.seconds, on_nodata=on_nodata)
         result.skipped_nodata = tile_input.window is None
         if output is not None:
-            with timed(result.seconds, "vectorize"):
+            with cpu_timed(result.seconds, "vectorize"):
                 result.results = prompt_polygons(output, tile_input.window, self.tile, post)
             result.encoded = True
         return result
@@ -122,6 +122,8 @@ def prompts_on_data(batch: PromptBatch, valid: np.ndarray) -> np.ndarray:
     """
     rows, cols = valid.shape
     ok = np.ones(len(batch), dtype=bool)
+    if valid.all():
+        return ok
     for k in range(len(batch)):
         if batch.has_box[k]:
             x0, y0, x1, y1 = batch.boxes[k]

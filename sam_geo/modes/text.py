@@ -29,7 +29,7 @@ from sam_geo.geo.vectorize import geometry_area_m2
 from sam_geo.io.prompts import PromptBatch
 from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
 from sam_geo.model.detector import require_transformers
-from sam_geo.run.host import ModelHost, timed
+from sam_geo.run.host import ModelHost, cpu_timed, timed
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, reproject_geometries
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.post import PromptMasks, prompt_polygons
@@ -48,7 +48,7 @@ class TextTileTask(TileTask):
     def load(self, reader: SceneReader) -> TileInput:
         """Read the window."""
         tile_input = TileInput(window=None)
-        with timed(tile_input.seconds, "read"):
+        with cpu_timed(tile_input.seconds, "read"):
             window = self.read(reader)
         tile_input.window = window if window.valid.any() else None
         tile_input.needs_model = tile_input.window is not None
@@ -64,7 +64,7 @@ class TextTileTask(TileTask):
         result.skipped_nodata = tile_input.window is None
         if output is None:
             return result
-        with timed(result.seconds, "vectorize"):
+        with cpu_timed(result.seconds, "vectorize"):
             records = prompt_polygons(output.masks, tile_input.window, self.tile, post)
         for record in records:
             k = record.prompt_index

@@ -21,9 +21,9 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,12 +104,21 @@ class HostConfig:
 
 
 @contextmanager
-def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
+def timed(seconds: dict[str, float], stage: str, clock: Callable[[], float] = time.perf_counter) -> Iterator[None]:
+    """Add the seconds the block took to ``seconds[stage]``: wall seconds by default
+    (model calls: the time the model was busy)."""
+    start = clock()
     try:
         yield
     finally:
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+        seconds[stage] = seconds.get(stage, 0.0) + clock() - start
+
+
+def cpu_timed(seconds: dict[str, float], stage: str) -> AbstractContextManager[None]:
+    """:func:`timed` with the calling thread's CPU seconds (:func:`time.thread_time`):
+    what a CPU stage (read, vectorize, write) costs in cores, not counting the time it
+    waited for a core the model or another stage held, nor for I/O."""
+    return timed(seconds, stage, time.thread_time)
 
 
 class EncodeBatcher:

@@ -36,7 +36,7 @@ from sam_geo.io.scenes import SceneInfo, open_scene
 from sam_geo.io.writers import check_output_path, write_vector
 from sam_geo.model.registry import ResolvedWeights, resolve_weights
 from sam_geo.model.sam_backend import precision_name, resolve_device
-from sam_geo.run.host import HostConfig
+from sam_geo.run.host import HostConfig, cpu_timed
 from sam_geo.run.standin import standin_ms
 from sam_geo.run.runtime import RunTimer, run_tiles
 from sam_geo.run.summary import RunSummary
@@ -126,6 +126,7 @@ def run_pipeline(
         gdf = regularize(gdf, settings.regularize_m, summary)
     summary.features = len(gdf)
     _write(gdf, output_path, overwrite, summary, mode)
+    summary.rates["cpu_ms_per_tile"] = cpu_ms_per_tile(summary)
     summary.seconds["total"] = time.perf_counter() - started
     gdf.attrs["summary"] = summary.to_dict()
     if summary_path is not None:
@@ -278,14 +279,24 @@ def run_with_work_dir(
     return results
 
 
+CPU_STAGES = ("read", "vectorize", "stitch", "regularize", "write")
+"""Stages outside the model; their seconds are CPU seconds of the thread running them."""
+
+
 def _rates(summary: RunSummary, tiles_run: int, wall_s: float) -> dict[str, float]:
-    """Tiles per second of the runtime and CPU milliseconds per tile outside the model."""
-    cpu_s = summary.seconds.get("read", 0.0) + summary.seconds.get("vectorize", 0.0)
-    encoded = max(summary.tiles.processed, 1)
+    """Tiles per second of the runtime and CPU milliseconds per tile outside the model
+    so far (:func:`cpu_ms_per_tile` again once the driver stages ran)."""
     return {
         "tiles_per_s": round(tiles_run / wall_s, 3) if wall_s > 0 else 0.0,
-        "cpu_ms_per_tile": round(1000.0 * cpu_s / encoded, 1),
+        "cpu_ms_per_tile": cpu_ms_per_tile(summary),
     }
+
+
+def cpu_ms_per_tile(summary: RunSummary) -> float:
+    """CPU milliseconds spent outside the model (:data:`CPU_STAGES`: read and finish
+    stages on the workers, stitch, regularize and write on the driver) per tile encoded."""
+    cpu_s = sum(summary.seconds.get(stage, 0.0) for stage in CPU_STAGES)
+    return round(1000.0 * cpu_s / max(summary.tiles.processed, 1), 1)
 
 
 def _raise_if_failed(
@@ -316,21 +327,23 @@ def regularize(gdf: gpd.GeoDataFrame, tolerance_m: float, summary: RunSummary) -
     """Regularized building outlines, areas recomputed; counts go to ``summary.regularize``."""
     from sam_geo.geo.regularize import regularize_buildings  # buildingregulariser is slow to import
 
-    start = time.perf_counter()
-    out = regularize_buildings(gdf, tolerance_m=tolerance_m)
-    out["area_m2"] = geometry_area_m2(out.geometry, out.crs)
+    seconds: dict[str, float] = {}
+    with cpu_timed(seconds, "regularize"):
+        out = regularize_buildings(gdf, tolerance_m=tolerance_m)
+        out["area_m2"] = geometry_area_m2(out.geometry, out.crs)
     summary.regularize = {k: v for k, v in out.attrs.get("regularize", {}).items() if not k.endswith("_index")}
-    summary.add_seconds({"regularize": time.perf_counter() - start})
+    summary.add_seconds(seconds)
     return out
 
 
 def _write(gdf: gpd.GeoDataFrame, path: Path | None, overwrite: bool, summary: RunSummary, mode: Mode) -> None:
-    start = time.perf_counter()
-    if path is not None:
-        write_vector(gdf, path, overwrite=overwrite)
-        summary.output = str(path)
-    mode.write_outputs(gdf, overwrite, summary)
-    summary.seconds["write"] = summary.seconds.get("write", 0.0) + time.perf_counter() - start
+    seconds: dict[str, float] = {}
+    with cpu_timed(seconds, "write"):
+        if path is not None:
+            write_vector(gdf, path, overwrite=overwrite)
+            summary.output = str(path)
+        mode.write_outputs(gdf, overwrite, summary)
+    summary.add_seconds(seconds)
 
 
 def reproject_geometries(geoms: np.ndarray, crss: Sequence[Any], dst: Any) -> np.ndarray:

@@ -9,7 +9,11 @@ GeoDataFrame as ``gdf.attrs["summary"]``. Shape (more keys may be added)::
      "model": {"name", "weights_sha256", "weights_source", "device"}, ...}
 
 ``tiles.processed`` counts image-encoder passes actually run; stage seconds of workers
-(read, encode, decode, vectorize) are summed over workers.
+(read, encode, decode, vectorize) are summed over workers. Model stages (encode,
+decode, detect) count wall seconds of model calls; the stages outside the model (read,
+vectorize, stitch, regularize, write) count CPU seconds of the thread running them
+(:func:`time.thread_time`), so they say how many cores the work needs whatever else
+shared the machine.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ class RunSummary:
     first tile) and ``model_busy_share`` (their ratio)."""
     rates: dict[str, float] = field(default_factory=dict)
     """``tiles_per_s`` (tiles run over the runtime's wall seconds, start-up excluded) and
-    ``cpu_ms_per_tile`` (the hosts' CPU stages outside the model, read + vectorize, per
-    tile encoded; driver stages such as stitch and write are in ``seconds``)."""
+    ``cpu_ms_per_tile`` (CPU milliseconds outside the model per tile encoded: read and
+    vectorize on the workers, stitch, regularize and write on the driver)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
