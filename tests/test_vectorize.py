@@ -419,3 +419,82 @@ def test_connected_groups_are_sorted_components(n: int, edges: list[tuple[int, i
     left = np.array([a for a, _ in edges], dtype=np.int64)
     right = np.array([b for _, b in edges], dtype=np.int64)
     assert vectorize._connected_groups(n, left, right) == groups
+
+
+# --- outlines traced from low-resolution logits -----------------------------------------
+
+from sam_geo.geo.vectorize import logits_to_geometries, logits_to_geometry  # noqa: E402
+
+CELL = 4.0  # image pixels per logits cell (SAM: a 256 grid over a 1024 px tile)
+CELL_TO_PIXEL = Affine.scale(CELL) * Affine.translation(0.5, 0.5)  # cell centres -> pixel corners
+
+
+def _radial_logits(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    """Logits ``radius - distance`` (cells) to ``centre`` (row, col): > 0 inside a disc."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    return radius - np.hypot(rows - centre[0], cols - centre[1])
+
+
+def _upsampled_mask(logits: np.ndarray) -> np.ndarray:
+    """The pixel mask SAM's bilinear upsampling gives for ``logits`` (pixel centres)."""
+    import torch
+
+    size = (int(logits.shape[0] * CELL), int(logits.shape[1] * CELL))
+    up = torch.nn.functional.interpolate(torch.as_tensor(logits)[None, None], size=size, mode="bilinear", align_corners=False)
+    return up[0, 0].numpy() > 0
+
+
+def test_traced_disc_matches_its_analytic_outline_and_the_pixel_mask() -> None:
+    logits = _radial_logits((16, 16), (7.5, 7.5), 5.0)
+    geom = logits_to_geometry(logits, CELL_TO_PIXEL, NORTH_UP, (0, 0, 64, 64))
+    assert isinstance(geom, Polygon) and geom.is_valid
+    disc_px = math.pi * (5.0 * CELL) ** 2
+    assert geom.area == pytest.approx(disc_px * PIXEL_AREA, rel=0.02)
+    assert geom.centroid.x == pytest.approx(1000 + 32 * 0.5, abs=0.05)  # centre 32 px from the left
+    pixel = mask_to_geometry(_upsampled_mask(logits), NORTH_UP)
+    iou = geom.intersection(pixel).area / geom.union(pixel).area
+    assert iou > 0.97  # the same mask, outline sub-pixel instead of along pixel edges
+
+
+def test_traced_outline_has_no_staircase_vertices() -> None:
+    logits = _radial_logits((32, 32), (15.5, 15.5), 12.0)
+    traced = logits_to_geometry(logits, CELL_TO_PIXEL, NORTH_UP, (0, 0, 128, 128))
+    pixel = mask_to_geometry(_upsampled_mask(logits), NORTH_UP)
+    assert len(traced.exterior.coords) < len(pixel.exterior.coords) / 2
+
+
+def test_a_ring_of_logits_gives_a_polygon_with_a_hole_and_two_blobs_two_parts() -> None:
+    outer = _radial_logits((20, 20), (9.5, 9.5), 8.0)
+    ring = np.minimum(outer, -_radial_logits((20, 20), (9.5, 9.5), 3.0))
+    holed = logits_to_geometry(ring, CELL_TO_PIXEL, NORTH_UP, (0, 0, 80, 80))
+    assert isinstance(holed, Polygon) and len(holed.interiors) == 1 and holed.is_valid
+    hole_px = math.pi * (3.0 * CELL) ** 2
+    assert Polygon(holed.interiors[0]).area == pytest.approx(hole_px * PIXEL_AREA, rel=0.05)
+    two = np.maximum(_radial_logits((12, 24), (5.5, 5.5), 3.0), _radial_logits((12, 24), (5.5, 17.5), 3.0))
+    parts = logits_to_geometry(two, CELL_TO_PIXEL, NORTH_UP, (0, 0, 96, 48))
+    assert isinstance(parts, MultiPolygon) and len(parts.geoms) == 2
+
+
+def test_traced_outline_is_clipped_to_its_rectangle_and_crop_edges_run_on() -> None:
+    logits = _radial_logits((16, 16), (7.5, 7.5), 6.0)
+    clip = (8, 12, 40, 30)  # col0, row0, col1, row1 in pixels
+    geom = logits_to_geometry(logits, CELL_TO_PIXEL, NORTH_UP, clip)
+    xmin, ymin, xmax, ymax = geom.bounds
+    assert xmin >= 1000 + 8 * 0.5 - 1e-9 and xmax <= 1000 + 40 * 0.5 + 1e-9
+    assert ymax <= 2000 - 12 * 0.5 + 1e-9 and ymin >= 2000 - 30 * 0.5 - 1e-9
+    # a mask covering the whole crop continues past it: clipped, it is the clip rectangle
+    full = logits_to_geometry(np.ones((4, 4), np.float32), CELL_TO_PIXEL, NORTH_UP, (0, 0, 16, 16))
+    assert full.equals(box(1000, 2000 - 8, 1008, 2000))
+
+
+def test_batched_tracing_equals_one_mask_at_a_time_and_empty_masks_are_none() -> None:
+    crops = [_radial_logits((10, 10), (4.5, 4.5), r) for r in (2.0, 3.5, -1.0)]
+    offsets = [(0, 0), (3, 5), (1, 1)]
+    cell_to_pixel = [Affine.translation(c * CELL, r * CELL) * CELL_TO_PIXEL for r, c in offsets]
+    clips = np.array([(0, 0, 64, 64)] * 3, dtype=float)
+    batch = logits_to_geometries(crops, np.array([t[:6] for t in cell_to_pixel]), NORTH_UP, clips, min_area=1.0)
+    singles = [logits_to_geometry(c, t, NORTH_UP, tuple(b), min_area=1.0) for c, t, b in zip(crops, cell_to_pixel, clips)]
+    assert batch[2] is None and singles[2] is None
+    for got, want in zip(batch[:2], singles[:2]):
+        assert got.equals_exact(want, 1e-9)
+    assert batch[1].centroid.x > batch[0].centroid.x  # each mask placed by its own affine

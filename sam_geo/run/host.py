@@ -211,6 +211,7 @@ class ModelHost:
             self.backend = build_backend(config.model, Path(config.weights), self.device, multimask=config.multimask)
         self._model_lock = threading.Lock()  # one model call at a time per actor
         self._model_seconds = 0.0
+        self._encoder_calls = 0
         self._tiles = 0
         self._first_tile: float | None = None
         self._detector: Any = None
@@ -263,14 +264,16 @@ class ModelHost:
                 self._model_seconds += time.perf_counter() - start
 
     def stats(self) -> dict[str, Any]:
-        """This host's share of the run: node, device, tiles run, seconds in model calls
-        and ``model_busy_share`` (model seconds over the wall seconds since its first
+        """This host's share of the run: node, device, tiles run, image-encoder calls
+        (fewer than tiles when tiles were batched), seconds in model calls and
+        ``model_busy_share`` (model seconds over the wall seconds since its first
         tile started; model loading is not counted)."""
         wall = time.perf_counter() - self._first_tile if self._first_tile is not None else 0.0
         return {
             "node_id": _node_id(),
             "device": str(self.device),
             "tiles": self._tiles,
+            "encoder_calls": self._encoder_calls,
             "model_seconds": round(self._model_seconds, 3),
             "wall_seconds": round(wall, 3),
             "model_busy_share": round(self._model_seconds / wall, 3) if wall > 0 else 0.0,
@@ -307,6 +310,7 @@ class ModelHost:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             share = (time.perf_counter() - start) / len(rgbs)
+            self._encoder_calls += 1
         return [(output, share) for output in outputs]
 
     def decode(

@@ -388,7 +388,10 @@ class _ActorFleet:
         placement = self.slots[slot]
         options = dict(self.options, name=f"sam-geo-{self.run_id}-{slot}-{uuid.uuid4().hex[:4]}")
         if placement.node_id is not None:
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placement.node_id, soft=True)
+            # Pinned: with soft affinity Ray 2.x put zero-CPU actors on any node (two on
+            # one node of two, seen in tests/test_cluster.py). A node that leaves is
+            # handled by replace().
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(placement.node_id, soft=False)
         config = HostConfig(**{**self.config.__dict__, "threads": placement.threads})
         return _actor_class().options(**options).remote(config)
 
@@ -401,7 +404,22 @@ class _ActorFleet:
         """Start a new actor in ``slot`` unless that was done already for ``dead``."""
         if self.actors[slot] is dead:
             log.warning("model actor %d died; starting a new one", slot)
+            self._replan_if_node_gone(slot)
             self.actors[slot] = self._new(slot)
+
+    def _replan_if_node_gone(self, slot: int) -> None:
+        """Move ``slot`` to an alive node when its node left the cluster (actors are
+        pinned to their planned node, so a replacement there would never start)."""
+        node = self.slots[slot].node_id
+        if node is None:
+            return
+        alive = _alive_cpu_nodes()
+        if node in alive or not alive:
+            return
+        others = [s.node_id for i, s in enumerate(self.slots) if i != slot]
+        target = max(alive, key=lambda n: alive[n] / (others.count(n) + 1))
+        threads = self.config.threads or max(1, alive[target] // (others.count(target) + 1))
+        self.slots[slot] = ActorSlot(target, threads)
 
     def stats(self) -> list[dict[str, Any]]:
         """Each live actor's host stats (actors that do not answer in time are left out)."""
@@ -498,6 +516,17 @@ def _actor_died(exc: BaseException) -> bool:
     return isinstance(exc, kinds) or isinstance(getattr(exc, "cause", None), kinds)
 
 
+def model_actor_count(requested: int | None, gpus: int, tiles: int) -> int:
+    """How many model actors to start: ``requested`` (default: one per GPU, else 1),
+    no more than the tiles, and on a cluster with GPUs no more than its GPUs (each
+    GPU actor holds one; more would wait for a GPU forever)."""
+    workers = requested or max(gpus, 1)
+    if gpus and workers > gpus:
+        log.warning("%d model workers asked for, but the cluster has %d GPUs: starting %d", workers, gpus, gpus)
+        workers = gpus
+    return max(1, min(workers, tiles))
+
+
 def _run_on_ray(
     tasks: list[TileTask], config: HostConfig, settings: Settings, timer: RunTimer
 ) -> Iterator[TileResult]:
@@ -506,7 +535,7 @@ def _run_on_ray(
     start = time.perf_counter()
     ensure_ray(settings.address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    workers = min(settings.workers or max(gpus, 1), len(tasks))
+    workers = model_actor_count(settings.workers, gpus, len(tasks))
     warming = _warm_stage_workers()
     fleet = _ActorFleet(workers, config, gpus)
     fleet.wait_ready()

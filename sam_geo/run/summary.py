@@ -74,7 +74,8 @@ class RunSummary:
     """Automatic mode: stitching counts (pieces, joins, mosaics ...); ``labels_raster``."""
     workers: list[dict[str, Any]] = field(default_factory=list)
     """Per model host (Ray actor, or this process with ``workers=0``): ``node_id``,
-    ``device``, ``tiles``, ``model_seconds`` (in model calls), ``wall_seconds`` (since its
+    ``device``, ``tiles``, ``encoder_calls`` (fewer than tiles when the encoder ran
+    batches of tiles), ``model_seconds`` (in model calls), ``wall_seconds`` (since its
     first tile) and ``model_busy_share`` (their ratio)."""
     rates: dict[str, float] = field(default_factory=dict)
     """``tiles_per_s`` (tiles run over the runtime's wall seconds, start-up excluded) and
