@@ -149,10 +149,7 @@ def model_alone(args: argparse.Namespace, tasks: list, mode: str, points: tuple 
     """Model-alone seconds in this process (Ray not running), on ``tasks``' tiles."""
     segmenter = driver_segmenter(args.model, args.weights, args.device, args.workers, args.batch_size,
                                  args.decoder_context)
-    try:
-        return time_model_on_tasks(segmenter, tasks, mode=mode, auto_points=points)
-    finally:
-        segmenter.close()
+    return time_model_on_tasks(segmenter, tasks, mode=mode, auto_points=points)
 
 
 def report(mode: str, summary: dict, wall: float, load: float, runs: list[ModelTimes], unit: str) -> None:

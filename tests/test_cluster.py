@@ -104,3 +104,19 @@ def test_model_actors_are_one_per_gpu_at_most_and_never_more_than_the_tiles() ->
     assert model_actor_count(None, 4, 10) == 4
     assert model_actor_count(8, 2, 10) == 2
     assert model_actor_count(3, 0, 2) == 2
+
+
+def test_a_stand_in_run_is_marked_and_never_resumes_into_a_real_run(scene: Path, tmp_path: Path, monkeypatch) -> None:
+    from sam_geo.errors import ConfigError
+    from sam_geo.run.standin import ENV_STANDIN_MS
+
+    work = tmp_path / "work"
+    monkeypatch.setenv(ENV_STANDIN_MS, "1")
+    standin = segment(scene, prompts_inside(scene), work_dir=work, workers=0, progress=False, **TILING)
+    assert standin.attrs["summary"]["model"]["standin_ms"] == 1.0
+    monkeypatch.delenv(ENV_STANDIN_MS)
+    with pytest.raises(ConfigError, match="standin_ms"):
+        segment(scene, prompts_inside(scene), work_dir=work, workers=0, progress=False, **TILING)
+    monkeypatch.setenv(ENV_STANDIN_MS, "fast")
+    with pytest.raises(ConfigError, match="not a number"):
+        segment(scene, prompts_inside(scene), workers=0, progress=False, **TILING)

@@ -211,6 +211,8 @@ def _new_summary(
     }
     if mode.name == "text":
         summary.model["detector"] = settings.detector
+    if standin_ms() is not None:
+        summary.model["standin_ms"] = standin_ms()  # masks from the stand-in, not the model
     summary.settings = {**settings.model_dump(mode="json"), **mode.summary_settings()}
     summary.tiles.planned = planned
     return summary
@@ -235,6 +237,8 @@ def _open_work_dir(
         "scenes": [fingerprint_file(info.path) for info in infos],
         **mode.fingerprint(),
     }
+    if standin_ms() is not None:  # a measuring run's stand-in masks must never resume into a real run
+        fingerprint["standin_ms"] = standin_ms()
     return WorkDir(path, fingerprint, restart=restart)
 
 

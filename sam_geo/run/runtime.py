@@ -22,10 +22,16 @@ node's CPU count (:func:`plan_cpu_actors`). On a GPU an actor is threaded
 encoder in one batch (:class:`~sam_geo.run.host.EncodeBatcher`). On CPU an actor runs
 one call at a time: its torch threads already use the cores it has.
 
-Why not Ray Data: measured on this project's 2-core CI machine (``benchmarks/feed.py
---ray-data``), its streaming executor kept a 100 ms stand-in model busy 79 % of the time
-against 99 % for these plain tasks and actors, and took 3.4 s before the first result
-against 1.3 s (DESIGN.md, "Runtime").
+Why not Ray Data: measured on this project's 2-core CI machine
+(``benchmarks/ray_data_feed.py``: 300 tiles, a 100 ms stand-in model), its streaming
+executor took 36.1 s against 31.0 s for these plain tasks and actors, and handed back
+the first tile after 21.2 s against 0.6 s (DESIGN.md, "Ray, in three stages"); and it
+has no place for what this loop does: pin
+model actors to nodes by their own resources, replace an actor that is gone for good,
+and tell a dead worker from a failing tile.
+
+CPU stages run at a lower OS priority than the model (:data:`STAGE_NICENESS`) and their
+worker processes are warmed (imports) while the model actors load.
 
 Fault tolerance, in two layers:
 

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sam_geo.errors import ConfigError
+
 ENV_STANDIN_MS = "SAM_GEO_STANDIN_MS"
 """Environment variable: milliseconds per encoder call of the stand-in model."""
 
@@ -28,7 +30,15 @@ GRID = 256
 def standin_ms() -> float | None:
     """The stand-in's milliseconds per encoder call from :data:`ENV_STANDIN_MS`, or None."""
     value = os.environ.get(ENV_STANDIN_MS)
-    return float(value) if value else None
+    if not value:
+        return None
+    try:
+        ms = float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_STANDIN_MS}={value!r} is not a number of milliseconds; unset it for real runs") from exc
+    if not ms >= 0:
+        raise ConfigError(f"{ENV_STANDIN_MS} must be >= 0 ms, got {value!r}")
+    return ms
 
 
 class StandinBackend:
