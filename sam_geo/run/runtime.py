@@ -77,7 +77,8 @@ STATS_TIMEOUT_S = 10.0
 """How long the driver waits for the actors' stats at the end of a run."""
 
 TASKS_PER_ACTOR = 2
-"""Fewest tasks in flight per GPU actor: one using the model, one reading or vectorizing."""
+"""Fewest calls in an actor's hands at once on a GPU: one decoding while the next is
+encoded."""
 
 
 READ_AHEAD = 2
@@ -91,8 +92,8 @@ def tiles_in_flight(config: HostConfig, on_gpu: bool) -> int:
 
 
 def tasks_per_actor(config: HostConfig, on_gpu: bool) -> int:
-    """Tasks in flight per actor. On a GPU: enough to fill an encoder batch while one
-    more task reads or vectorizes (``encode_batch + 1``), at least
+    """Model calls an actor holds at once. On a GPU: enough to fill an encoder batch
+    while one more call decodes (``encode_batch + 1``), at least
     :data:`TASKS_PER_ACTOR`. On CPU: 1 (see the module docstring for why)."""
     if not on_gpu:
         return 1
