@@ -498,3 +498,21 @@ def test_batched_tracing_equals_one_mask_at_a_time_and_empty_masks_are_none() ->
     for got, want in zip(batch[:2], singles[:2]):
         assert got.equals_exact(want, 1e-9)
     assert batch[1].centroid.x > batch[0].centroid.x  # each mask placed by its own affine
+
+
+def test_nodata_pixels_are_taken_out_of_a_traced_outline_along_pixel_edges() -> None:
+    from sam_geo.geo.vectorize import nodata_polygon
+
+    logits = _radial_logits((16, 16), (7.5, 7.5), 6.0)
+    valid = np.ones((64, 64), dtype=bool)
+    valid[:, 40:] = False  # a nodata strip from column 40 on
+    assert nodata_polygon(valid, (0, 0, 64, 32)) is None
+    nodata = nodata_polygon(valid, (0, 0, 64, 64))
+    assert nodata.equals(box(40, 0, 64, 64))
+    whole, cut = logits_to_geometries(
+        [logits, logits], np.array([CELL_TO_PIXEL[:6]] * 2), NORTH_UP, np.array([(0, 0, 64, 64)] * 2, dtype=float),
+        exclude=[None, nodata],
+    )
+    assert cut.bounds[2] == pytest.approx(1000 + 40 * 0.5)  # ends at the nodata edge, a pixel edge
+    assert cut.area == pytest.approx(whole.difference(box(1020, 1960, 1032, 2000)).area)
+    assert not cut.intersects(box(1020.001, 1960, 1032, 2000))

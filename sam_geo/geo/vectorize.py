@@ -34,7 +34,14 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 
 from sam_geo.errors import CRSError
 
-__all__ = ["geometry_area_m2", "logits_to_geometries", "logits_to_geometry", "mask_to_geometry", "metres_to_crs_units"]
+__all__ = [
+    "geometry_area_m2",
+    "logits_to_geometries",
+    "logits_to_geometry",
+    "mask_to_geometry",
+    "metres_to_crs_units",
+    "nodata_polygon",
+]
 
 # Ellipsoid used for geodesic areas when a CRS does not define one.
 _WGS84 = pyproj.Geod(ellps="WGS84")
@@ -160,6 +167,7 @@ def logits_to_geometries(
     *,
     min_area: float = 0.0,
     simplify: float | None = None,
+    exclude: Sequence[shapely.Geometry | None] | None = None,
 ) -> list[Polygon | MultiPolygon | None]:
     """:func:`logits_to_geometry` for many masks of one image at once (one entry per
     mask, in order): the shapely steps run once over all their rings, which is what
@@ -171,6 +179,8 @@ def logits_to_geometries(
         pixel_to_crs: the image's affine, pixel corners -> CRS ``(x, y)``.
         clips: ``(n, 4)`` pixel rectangles ``col0, row0, col1, row1`` per mask.
         min_area: CRS units^2; simplify: CRS units (as in :func:`mask_to_geometry`).
+        exclude: per mask, None or an area in pixel coordinates taken out of its
+            outline (nodata pixels, :func:`nodata_polygon`).
     """
     min_area = _check_threshold("min_area", min_area)
     if simplify is not None:
@@ -189,6 +199,11 @@ def logits_to_geometries(
     box = np.asarray(clips, dtype=float)[owner]
     geoms = shapely.simplify(np.asarray(rings, dtype=object), CONTOUR_TOLERANCE_PX, preserve_topology=False)
     geoms = _clip_to_boxes(geoms, box)
+    if exclude is not None:
+        cut = np.asarray([exclude[k] is not None for k in owner], dtype=bool)
+        if cut.any():
+            holes = np.asarray([exclude[k] for k in owner[cut]], dtype=object)
+            geoms[cut] = shapely.difference(geoms[cut], holes)
     geoms = _make_valid(shapely.transform(geoms, _affine_function(pixel_to_crs)))
     for k in np.unique(owner):
         parts = _filter_parts(_polygonal_parts(geoms[owner == k]), min_area)
@@ -196,6 +211,25 @@ def logits_to_geometries(
             parts = _simplify_parts(parts, simplify, min_area)
         out[int(k)] = _assemble(parts)
     return out
+
+
+def nodata_polygon(valid: np.ndarray, window: tuple[int, int, int, int]) -> shapely.Geometry | None:
+    """The invalid pixels of ``valid[row0:row1, col0:col1]`` as one polygon in pixel
+    coordinates of ``valid`` (pixel edges; 4-connected), or None when all are valid.
+
+    ``window``: ``(row0, col0, row1, col1)``, pixels.
+    """
+    r0, c0, r1, c1 = window
+    invalid = ~valid[r0:r1, c0:c1]
+    if not invalid.any():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        traced = rasterio.features.shapes(
+            invalid.view(np.uint8), mask=invalid, connectivity=4, transform=affine.Affine.translation(c0, r0)
+        )
+        parts = [shape(geom) for geom, _ in traced]
+    return shapely.union_all(np.asarray(parts, dtype=object))
 
 
 def _clip_to_boxes(geoms: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -4,9 +4,9 @@ logits -> polygons in the scene CRS.
 The model host (:meth:`sam_geo.run.host.ModelHost.decode_prompts`) sends back, per
 prompt, only the cells of SAM's low-resolution logits that its mask can use
 (:func:`sam_geo.model.masks.logits_windows`) as a :class:`PromptMasks`; here each is
-traced into a polygon (:func:`sam_geo.geo.vectorize.logits_to_geometries`). A prompt
-whose crop holds invalid (nodata) pixels goes the pixel way instead: upsampled over
-its crop, ANDed with the valid pixels and traced along pixel edges.
+traced into a polygon (:func:`sam_geo.geo.vectorize.logits_to_geometries`), all of a
+tile's prompts at once. Where a prompt's crop holds invalid (nodata) pixels, they are
+taken out of its polygon, along pixel edges.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
-import torch
-from affine import Affine
 
 from sam_geo.geo.tiles import Tile
-from sam_geo.geo.vectorize import logits_to_geometries, mask_to_geometry
+from sam_geo.geo.vectorize import logits_to_geometries, nodata_polygon
 from sam_geo.io.scenes import WindowRead
-from sam_geo.model.masks import upsample_crop
 from sam_geo.run.tasks import PostConfig, PromptResult
 
 
@@ -52,22 +49,16 @@ def prompt_polygons(masks: PromptMasks, window: WindowRead, tile: Tile, post: Po
     """One :class:`PromptResult` per decoded prompt: its polygon (WKB, scene CRS; None
     when the mask is empty or all of it is below ``post.min_area``).
 
-    Prompts whose crop is all valid pixels are traced from their logits together
-    (:func:`logits_to_geometries`); the others go the pixel way (:func:`_pixel_geometry`).
+    All of a tile's prompts are traced from their logits together
+    (:func:`logits_to_geometries`); a prompt whose crop holds nodata pixels loses them
+    (:func:`nodata_polygon`: the outline follows pixel edges there).
     """
     crops = masks.crops.astype(int)
-    traced = np.array([bool(window.valid[r0:r1, c0:c1].all()) for r0, c0, r1, c1 in crops], dtype=bool)
-    geoms: list[shapely.Geometry | None] = [None] * len(masks)
-    if traced.any():
-        which = np.flatnonzero(traced)
-        found = logits_to_geometries(
-            [masks.logits[k] for k in which], _cell_to_pixel(masks, which), tile.transform,
-            crops[which][:, [1, 0, 3, 2]], min_area=post.min_area, simplify=post.simplify,
-        )
-        for k, geom in zip(which, found):
-            geoms[k] = geom
-    for k in np.flatnonzero(~traced):
-        geoms[k] = _pixel_geometry(masks, int(k), window, tile, post)
+    exclude = None if window.valid.all() else [nodata_polygon(window.valid, tuple(crop)) for crop in crops]
+    geoms = logits_to_geometries(
+        masks.logits, _cell_to_pixel(masks, np.arange(len(masks))), tile.transform, crops[:, [1, 0, 3, 2]],
+        min_area=post.min_area, simplify=post.simplify, exclude=exclude,
+    )
     wkb = shapely.to_wkb(np.asarray(geoms, dtype=object))
     return [PromptResult(int(i), float(s), w) for i, s, w in zip(masks.index, masks.scores, wkb)]
 
@@ -82,23 +73,3 @@ def _cell_to_pixel(masks: PromptMasks, which: np.ndarray) -> np.ndarray:
     a0, b0 = masks.cells[which, 0].astype(float), masks.cells[which, 1].astype(float)
     zeros = np.zeros(len(which))
     return np.column_stack([np.full(len(which), sx), zeros, sx * (b0 + 0.5), zeros, np.full(len(which), sy), sy * (a0 + 0.5)])
-
-
-def _pixel_geometry(
-    masks: PromptMasks, k: int, window: WindowRead, tile: Tile, post: PostConfig
-) -> shapely.Geometry | None:
-    """Prompt ``k``'s mask upsampled over its crop, ANDed with the valid pixels, traced
-    along pixel edges (for crops that hold nodata)."""
-    r0, c0, r1, c1 = (int(v) for v in masks.crops[k])
-    mask = upsample_crop(torch.as_tensor(_full_grid(masks, k)), (r0, c0, r1, c1), masks.frame)
-    mask &= window.valid[r0:r1, c0:c1]
-    return mask_to_geometry(
-        mask, tile.transform * Affine.translation(c0, r0), min_area=post.min_area, simplify=post.simplify
-    )
-
-
-def _full_grid(masks: PromptMasks, k: int) -> np.ndarray:
-    """The prompt's logits crop put back on the whole grid, its edge values repeated."""
-    a0, b0, a1, b1 = (int(v) for v in masks.cells[k])
-    gh, gw = masks.grid_hw
-    return np.pad(masks.logits[k], ((a0, gh - a1), (b0, gw - b1)), mode="edge")

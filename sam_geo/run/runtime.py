@@ -30,8 +30,7 @@ has no place for what this loop does: pin
 model actors to nodes by their own resources, replace an actor that is gone for good,
 and tell a dead worker from a failing tile.
 
-CPU stages run at a lower OS priority than the model (:data:`STAGE_NICENESS`) and their
-worker processes are warmed (imports) while the model actors load.
+The CPU stages' worker processes are warmed (their imports) while the model actors load.
 
 Fault tolerance, in two layers:
 
@@ -176,36 +175,10 @@ def _run_stages(task: TileTask, host: ModelHost, reader: Any, post: PostConfig) 
     return finish_tile(task, tile_input, output, post)
 
 
-STAGE_NICENESS = 10
-"""How much lower than the model actors' the CPU priority of the stage tasks' worker
-processes is set (Unix ``nice``). A CPU model runs torch's threads on every core of
-its node; a stage task that takes a core from one of them stalls the others at their
-next barrier, which cost the model more than the task itself (Banepa on 2 cores:
-encode 20-22 s against 17.5 s when the stages ran in the actor). At a lower priority
-the stages run in the gaps the model leaves and still keep ahead of it (read-ahead);
-on a GPU node it keeps the thread that feeds the GPU first in line."""
-
-
-def _lower_stage_priority() -> None:
-    """Lower this worker process's CPU priority once (see :data:`STAGE_NICENESS`)."""
-    global _stage_priority_lowered
-    if _stage_priority_lowered or not hasattr(os, "nice"):
-        return
-    _stage_priority_lowered = True
-    try:
-        os.nice(STAGE_NICENESS)
-    except OSError:  # not permitted: run at the same priority
-        pass
-
-
-_stage_priority_lowered = False
-
-
 def warm_stage() -> int:
     """Run once in stage workers while the model actors load: the stages' imports
     (rasterio, shapely, scikit-image, torch) take seconds in a new worker process,
     which the first tiles would otherwise wait for. Returns the worker's pid."""
-    _lower_stage_priority()
     import skimage.measure  # noqa: F401  (the finish stage's contour tracer)
 
     import sam_geo.run.post  # noqa: F401
@@ -216,13 +189,11 @@ def warm_stage() -> int:
 
 def load_stage(task: TileTask) -> TileInput:
     """Stage 1, in a Ray task: read the tile with this worker process's reader."""
-    _lower_stage_priority()
     return task.load(scene_reader())
 
 
 def finish_stage(task: TileTask, tile_input: TileInput, output: ModelOutput | None, post: PostConfig) -> TileResult:
     """Stage 3, in a Ray task."""
-    _lower_stage_priority()
     return finish_tile(task, tile_input, output, post)
 
 
