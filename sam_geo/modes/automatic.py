@@ -123,8 +123,7 @@ class AutoTileTask(TileTask):
 
     def finish(self, tile_input: TileInput, output: AutoCandidates | None, post: PostConfig) -> AutoTileResult:
         """Kept masks -> pieces (polygons in the scene CRS), non-maximum suppressed."""
-        result = AutoTileResult(tile_key=self.key, seconds=tile_input.seconds)
-        result.skipped_nodata = tile_input.window is None
+        result = self.new_result(AutoTileResult, tile_input)
         if output is None:
             return result
         result.encoded = True

@@ -91,8 +91,7 @@ class PromptedTask(TileTask):
     def finish(self, tile_input: TileInput, output: PromptMasks | None, post: PostConfig) -> PromptedResult:
         """Polygons of the decoded prompts, in the scene CRS."""
         _, on_nodata = tile_input.payload
-        result = PromptedResult(tile_key=self.key, seconds=tile_input.seconds, on_nodata=on_nodata)
-        result.skipped_nodata = tile_input.window is None
+        result = self.new_result(PromptedResult, tile_input, on_nodata=on_nodata)
         if output is not None:
             with cpu_timed(result.seconds, "vectorize"):
                 result.results = prompt_polygons(output, tile_input.window, self.tile, post)

@@ -60,8 +60,7 @@ class TextTileTask(TileTask):
 
     def finish(self, tile_input: TileInput, output: TextMasks | None, post: PostConfig) -> TextTileResult:
         """The detected objects' polygons, in the scene CRS."""
-        result = TextTileResult(tile_key=self.key, seconds=tile_input.seconds)
-        result.skipped_nodata = tile_input.window is None
+        result = self.new_result(TextTileResult, tile_input)
         if output is None:
             return result
         with cpu_timed(result.seconds, "vectorize"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sam_geo.geo.tiles import Tile
 from sam_geo.io.scenes import SceneInfo, SceneReader, Stretch, WindowRead
@@ -89,6 +89,10 @@ class PostConfig:
     """Simplification tolerance in CRS units, or None."""
 
 
+
+ResultT = TypeVar("ResultT", bound="TileResult")
+
+
 @dataclass(frozen=True)
 class TileTask(ABC):
     """One tile of one scene to segment: descriptors only (picklable, no pixels)."""
@@ -121,6 +125,13 @@ class TileTask(ABC):
     def finish(self, tile_input: TileInput, output: Any, post: PostConfig) -> TileResult:
         """Stage 3 (CPU): masks to polygons; ``output`` is None when the model was not
         called."""
+
+    def new_result(self, result_type: type[ResultT], tile_input: TileInput, **fields: Any) -> ResultT:
+        """An empty ``result_type`` for this tile, carrying the load stage's seconds and
+        whether the tile was all nodata (no window read)."""
+        result = result_type(tile_key=self.key, seconds=tile_input.seconds, **fields)
+        result.skipped_nodata = tile_input.window is None
+        return result
 
     def execute(self, host: Any, reader: SceneReader, post: PostConfig) -> TileResult:
         """All three stages in this process (``workers=0`` and tests)."""
