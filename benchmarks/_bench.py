@@ -24,6 +24,7 @@ from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from sam_geo.io.scenes import open_scene, read_window
+from sam_geo.model.masks import image_tensor
 from sam_geo.modes.prompted import PromptedMode, PromptedTask, PromptLayer, prompts_on_data, to_tile_pixels
 from sam_geo.run.host import HostConfig, ModelHost, decode_batches
 from sam_geo.settings import Settings
@@ -239,7 +240,7 @@ def preprocess_for_encoder(backend: Any, rgb: np.ndarray, device: torch.device) 
     size = backend.image_size
     scale = size / max(h, w)
     new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-    image = torch.as_tensor(rgb, device=device).permute(2, 0, 1)[None].float()
+    image = image_tensor(rgb, device)
     if (new_h, new_w) != (h, w):
         image = F.interpolate(image, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     return backend.model.preprocess(image)

@@ -555,3 +555,18 @@ def test_cuda_defaults_batch_tiles_under_autocast() -> None:
     assert segmenter.encode_batch == GPU_ENCODE_BATCH and segmenter.autocast_dtype in (torch.bfloat16, torch.float16)
     embedding, input_hw = segmenter.encode(_scene_tile(3))
     assert embedding.is_cuda and input_hw == (1024, 1024)
+
+
+def test_image_tensor_takes_read_only_and_transposed_arrays_without_a_warning() -> None:
+    import warnings
+
+    from sam_geo.model.masks import image_tensor
+
+    bands = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    bands.flags.writeable = False
+    rgb = bands.transpose(1, 2, 0)  # how a window read reaches the model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = image_tensor(rgb, "cpu")
+    assert image.shape == (1, 3, 4, 5) and image.dtype == torch.float32
+    assert torch.equal(image[0], torch.from_numpy(bands.copy()).float())

@@ -51,7 +51,7 @@ from sam_geo.model.checkpoints import (
     sample_keys,
     state_dict_problems,
 )
-from sam_geo.model.masks import choose_masks, mask_prompt_logits
+from sam_geo.model.masks import choose_masks, image_tensor, mask_prompt_logits
 from sam_geo.model.registry import ModelSpec, get_spec, known_models, parse_device
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class Sam2Backend:
         [0, 1] scaling, bilinear antialiased resize to S x S, ImageNet normalisation."""
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an (rows, cols, 3) RGB array, got shape {rgb.shape}")
-        image = torch.as_tensor(rgb, device=self.device).permute(2, 0, 1)[None].float() / 255.0
+        image = image_tensor(rgb, self.device) / 255.0
         size = (self.image_size, self.image_size)
         if tuple(image.shape[-2:]) != size:
             image = F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)

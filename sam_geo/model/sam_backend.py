@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sam_geo.errors import ConfigError
 from sam_geo.io.prompt_batch import PromptBatch
-from sam_geo.model.masks import choose_masks, logits_windows, mask_prompt_logits
+from sam_geo.model.masks import choose_masks, image_tensor, logits_windows, mask_prompt_logits
 from sam_geo.model.registry import build_sam, get_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -182,7 +182,7 @@ class SamBackend:
         h, w = rgb.shape[:2]
         scale = self.image_size / max(h, w)
         new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-        image = torch.as_tensor(rgb, device=self.device).permute(2, 0, 1)[None].float()
+        image = image_tensor(rgb, self.device)
         if (new_h, new_w) != (h, w):
             image = F.interpolate(image, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         return self.model.preprocess(image), (new_h, new_w)
