@@ -13,8 +13,8 @@ arithmetic, no checkpoint needed):
   and fp32 at that batch size;
 * mask decoder through ``SamBackend.decode`` (what a run calls) with ``--prompts`` box
   prompts per tile (64: ``GPU_BATCH_SIZE``, one decoder call): ms per tile and per
-  prompt; and with each prompt's mask upsampled over its crop to a bool array on the
-  host (``masks.upsample_crop``, as a model host does before vectorizing);
+  prompt; and with each prompt's cells of the low-res logits (``masks.logits_windows``)
+  copied to host memory, as a model host does before handing them to the finish stage;
 * encode + decode: ``encode_many`` from uint8 arrays at the best batch size, then the
   box prompts of each tile: tiles/s, without and with the crops;
 * bf16 against fp32 masks of MobileSAM on one tile (median IoU), mean predicted IoU;
@@ -250,8 +250,9 @@ class Check:
 
     def decode_tile(self, backend: Any, k: int, embedding: Any, input_hw: Any, crops: bool) -> list[Any]:
         """The box prompts of tile ``k`` through ``SamBackend.decode`` in decoder calls of
-        ``--decode-batch``; with ``crops``, each mask upsampled over its crop on the host."""
-        from sam_geo.model.masks import crop_for_prompt, upsample_crop
+        ``--decode-batch``; with ``crops``, each prompt's logits window copied to the host
+        (what ``ModelHost.decode_prompts`` sends to the finish stage)."""
+        from sam_geo.model.masks import logits_windows
 
         np, batch = self.np, self.prompt_batch(k)
         tile_hw = self.tiles[k].shape[:2]
@@ -262,7 +263,9 @@ class Check:
                 logits, scores = backend.decode(embedding, input_hw, tile_hw, part)
             if crops:
                 frame = backend.logits_frame(tile_hw, input_hw)
-                out += [upsample_crop(logits[j], crop_for_prompt(part, j, tile_hw), frame) for j in range(len(part))]
+                windows = logits_windows(part, tile_hw, frame, size=int(logits.shape[-1]))
+                host = logits.float().cpu()
+                out += [host[j, a0:a1, b0:b1].numpy().copy() for j, (a0, b0, a1, b1) in enumerate(windows.tolist())]
             else:
                 out.append((logits, scores))
         return out

@@ -709,3 +709,20 @@ def test_large_sparse_scene_is_read_in_bounded_pieces(tmp_path: Path, read_log: 
     assert coarse.valid[:128, :128].all() and not coarse.valid[128:].any()
     assert max(r * c for r, c in read_log) <= 1024 * 1024
     assert sum(r * c for r, c in read_log) <= 3 * 1024 * 1024
+
+
+def test_scene_reader_reopens_a_file_rewritten_since_it_was_opened(tmp_path) -> None:
+    from sam_geo.io.scenes import SceneReader, compute_stretch, open_scene
+
+    path = tmp_path / "scene.tif"
+    reader = SceneReader()
+    window = Window(0, 0, 8, 8)
+    seen = []
+    for value in (50, 200):
+        data = np.full((3, 8, 8), value, dtype=np.uint8)
+        data[:, 0, 0] = 0  # a spread for the stretch
+        make_raster(path, data, crs="EPSG:32631", transform=Affine(1, 0, 0, 0, -1, 8))
+        scene = open_scene(path)
+        seen.append(int(reader.read(scene, compute_stretch(scene, method=None), window, None).bands[0, 4, 4]))
+    reader.close()
+    assert seen == [50, 200]

@@ -742,13 +742,14 @@ class SceneReader:
     One per process (:func:`scene_reader`): a Ray worker process reads many tiles of the
     same scenes, and opening a GeoTIFF (or a remote COG's header) for every tile would
     cost more than reading the tile. At most ``max_open`` datasets stay open (least
-    recently used closed first). Not shared between threads (GDAL handles are not
+    recently used closed first); a local file rewritten since it was opened (another
+    size or modification time) is opened again. Not shared between threads (GDAL handles are not
     thread-safe); Ray task workers run one task at a time.
     """
 
     def __init__(self, max_open: int = 16) -> None:
         self.max_open = max_open
-        self._open: dict[str, rasterio.DatasetReader] = {}
+        self._open: dict[tuple[Any, ...], rasterio.DatasetReader] = {}
         rasterio.env.set_gdal_config("GDAL_CACHEMAX", int(os.environ.get("SAM_GEO_GDAL_CACHE_MB", GDAL_CACHE_MB)))
 
     def read(self, scene: SceneInfo, stretch: Stretch, window: Window, out_shape: tuple[int, int] | None) -> WindowRead:
@@ -756,10 +757,11 @@ class SceneReader:
         return read_window(self._dataset(scene.path), scene, stretch, window, out_shape)
 
     def _dataset(self, path: str) -> rasterio.DatasetReader:
-        src = self._open.pop(path, None)
+        key = _file_version(path)
+        src = self._open.pop(key, None)
         if src is None or src.closed:
             src = rasterio.open(path)
-        self._open[path] = src  # most recently used last
+        self._open[key] = src  # most recently used last
         while len(self._open) > self.max_open:
             oldest = next(iter(self._open))
             self._open.pop(oldest).close()
@@ -770,6 +772,15 @@ class SceneReader:
         for src in self._open.values():
             src.close()
         self._open.clear()
+
+
+def _file_version(path: str) -> tuple[Any, ...]:
+    """``(path, size, mtime_ns)`` of a local file, ``(path,)`` for a URL or GDAL path."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return (path,)
+    return (path, info.st_size, info.st_mtime_ns)
 
 
 _READER: SceneReader | None = None

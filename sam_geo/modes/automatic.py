@@ -31,7 +31,6 @@ stage, 3-4 in the model host, 5-6 in the finish stage:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any

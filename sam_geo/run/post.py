@@ -56,20 +56,20 @@ def prompt_polygons(masks: PromptMasks, window: WindowRead, tile: Tile, post: Po
     crops = masks.crops.astype(int)
     exclude = None if window.valid.all() else [nodata_polygon(window.valid, tuple(crop)) for crop in crops]
     geoms = logits_to_geometries(
-        masks.logits, _cell_to_pixel(masks, np.arange(len(masks))), tile.transform, crops[:, [1, 0, 3, 2]],
+        masks.logits, _cell_to_pixel(masks), tile.transform, crops[:, [1, 0, 3, 2]],
         min_area=post.min_area, simplify=post.simplify, exclude=exclude,
     )
     wkb = shapely.to_wkb(np.asarray(geoms, dtype=object))
     return [PromptResult(int(i), float(s), w) for i, s, w in zip(masks.index, masks.scores, wkb)]
 
 
-def _cell_to_pixel(masks: PromptMasks, which: np.ndarray) -> np.ndarray:
+def _cell_to_pixel(masks: PromptMasks) -> np.ndarray:
     """``(n, 6)`` affine coefficients from each crop's cell-centre coordinates to tile
     pixel corners: a tile pixel spans ``frame`` of the grid, so a cell is
     ``1 / (frame * grid)`` pixels."""
     fy, fx = masks.frame
     gh, gw = masks.grid_hw
     sx, sy = 1.0 / (fx * gw), 1.0 / (fy * gh)
-    a0, b0 = masks.cells[which, 0].astype(float), masks.cells[which, 1].astype(float)
-    zeros = np.zeros(len(which))
-    return np.column_stack([np.full(len(which), sx), zeros, sx * (b0 + 0.5), zeros, np.full(len(which), sy), sy * (a0 + 0.5)])
+    rows, cols = masks.cells[:, 0].astype(float), masks.cells[:, 1].astype(float)
+    n, zeros = len(masks), np.zeros(len(masks))
+    return np.column_stack([np.full(n, sx), zeros, sx * (cols + 0.5), zeros, np.full(n, sy), sy * (rows + 0.5)])

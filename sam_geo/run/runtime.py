@@ -155,7 +155,7 @@ def _run_in_process(
         for task in tasks:
             for attempt in range(1, settings.retries + 2):
                 try:
-                    result = _run_stages(task, host, reader, config.post)
+                    result = task.execute(host, reader, config.post)
                 except Exception as exc:  # any failure of one tile is recorded, not fatal
                     log.warning("tile %s failed (attempt %d): %s", task.key, attempt, _reason(exc))
                     if attempt > settings.retries:
@@ -166,13 +166,6 @@ def _run_in_process(
                     break
     finally:
         timer.workers.append(host.stats())
-
-
-def _run_stages(task: TileTask, host: ModelHost, reader: Any, post: PostConfig) -> TileResult:
-    """The three stages of a tile, one after the other, in this process."""
-    tile_input = task.load(reader)
-    output = host.infer(task, tile_input) if tile_input.needs_model else None
-    return finish_tile(task, tile_input, output, post)
 
 
 def warm_stage() -> int:
