@@ -13,7 +13,9 @@ in model calls over the actor's wall seconds since its first tile), ``rates``
 ``--synthetic N`` writes an N x N-tile scene (256 px tiles, 32 px overlap) with one
 bright square per tile and a box layer over them into a temporary folder: many tiles,
 few objects, to show the driver's memory does not grow with the number of tiles
-(``driver_rss_growth_mib``: peak RSS during the run minus RSS before it).
+(``driver_rss_growth_mib``: peak RSS during the run minus RSS before it). Polygons go
+to ``--output`` as tiles finish and no frame is kept (``return_frame=False``, what the
+CLI does) unless ``--keep-frame``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tile-size", type=int, default=None, help="tile size, px (Banepa only)")
     parser.add_argument("--synthetic", type=int, default=None, metavar="N", help="an N x N-tile synthetic scene")
+    parser.add_argument("--output", default="out.gpkg", help="output name in the temporary folder (.gpkg, "
+                        ".geojson, .parquet, or a folder name for a partitioned dataset)")
+    parser.add_argument("--keep-frame", action="store_true", help="also return the whole frame (the API default)")
     args = parser.parse_args()
     os.environ[ENV_STANDIN_MS] = str(args.standin_ms)
     from sam_geo import segment  # after the variable is set
@@ -59,14 +64,16 @@ def main() -> None:
             tiling = {"tile_size_px": args.tile_size} if args.tile_size else {}
         rss_before = _rss_mib()
         start = time.perf_counter()
-        gdf = segment(scene, prompts, weights=str(WEIGHTS), workers=args.workers, progress=False,
-                      output=Path(tmp) / "out.gpkg", **tiling)
+        result = segment(scene, prompts, weights=str(WEIGHTS), workers=args.workers, progress=False,
+                         output=Path(tmp) / args.output, return_frame=args.keep_frame, **tiling)
         wall = time.perf_counter() - start
-    summary = gdf.attrs["summary"]
+    summary = result.attrs["summary"] if args.keep_frame else result.summary
     print(json.dumps({
         "standin_ms": args.standin_ms,
+        "output": args.output,
+        "keep_frame": args.keep_frame,
         "tiles": summary["tiles"]["processed"],
-        "polygons": len(gdf),
+        "polygons": summary["features"],
         "wall_s": round(wall, 1),
         "driver_rss_before_mib": round(rss_before),
         "driver_rss_growth_mib": round(_peak_rss_mib() - rss_before),

@@ -34,6 +34,7 @@ _LAZY = {
     "load_preset": "sam_geo.settings",
     "evaluate": "sam_geo.evaluate",
     "RunSummary": "sam_geo.run.summary",
+    "RunOutput": "sam_geo.run.pipeline",
     "TileGrid": "sam_geo.geo.tiles",
     "Tile": "sam_geo.geo.tiles",
     "open_scene": "sam_geo.io.scenes",

@@ -13,9 +13,13 @@ runs the one pipeline of :mod:`sam_geo.run.pipeline` with its mode. Common argum
 path per line) or a list of those. Several scenes give one layer in the first scene's
 CRS (reprojected explicitly) with a ``scene`` column.
 
-``output`` (``.geojson``, ``.gpkg``, ``.parquet``): written atomically, never overwritten
-unless ``overwrite``; ``summary_path``: the run summary as JSON (also in
-``gdf.attrs["summary"]``). ``work_dir``: finished tiles are kept there and a rerun of the
+``output`` (``.geojson``, ``.gpkg``, ``.parquet``, or a folder ``"out/"`` /
+``partitioned=True`` for a GeoParquet dataset): polygons are written as tiles finish
+(:mod:`sam_geo.io.stream`) and the output published atomically at the end, never
+overwritten unless ``overwrite``; ``summary_path``: the run summary as JSON (also in
+``gdf.attrs["summary"]``). ``return_frame=False`` keeps no polygons in memory (for
+outputs bigger than memory) and returns a :class:`~sam_geo.run.pipeline.RunOutput`
+(the output's path and the summary) instead of the GeoDataFrame. ``work_dir``: finished tiles are kept there and a rerun of the
 same job resumes (``restart`` discards them). More than ``max_failed_tiles`` tiles that
 keep failing raise :class:`~sam_geo.errors.RunError` and write nothing. ``on_result``
 is called on the driver with each tile result once it is stored.
@@ -34,7 +38,7 @@ import geopandas as gpd
 from sam_geo.modes.automatic import AutoMode
 from sam_geo.modes.prompted import PromptedMode, PromptLayer
 from sam_geo.modes.text import TextMode
-from sam_geo.run.pipeline import OnResult, ScenesArg, run_pipeline
+from sam_geo.run.pipeline import OnResult, RunOutput, ScenesArg, run_pipeline
 from sam_geo.settings import Settings, make_settings
 
 PathArg = str | os.PathLike[str]
@@ -46,6 +50,7 @@ def segment(
     *,
     output: PathArg | None = None,
     overwrite: bool = False,
+    partitioned: bool = False,
     summary_path: PathArg | None = None,
     work_dir: PathArg | None = None,
     restart: bool = False,
@@ -57,8 +62,9 @@ def segment(
     label_column: str | None = None,
     settings: Settings | None = None,
     on_result: OnResult | None = None,
+    return_frame: bool = True,
     **overrides: Any,
-) -> gpd.GeoDataFrame:
+) -> gpd.GeoDataFrame | RunOutput:
     """Segment the object each feature of a vector layer points at, over whole scenes.
 
     Points become point prompts and polygons box prompts (``prompt_as``); each prompt
@@ -78,7 +84,8 @@ def segment(
     layer = PromptLayer(prompts, prompts_layer, prompts_crs, id_column, negative_points, group_column, label_column)
     return run_pipeline(
         PromptedMode(layer), scenes, make_settings(settings, **overrides), output=output, overwrite=overwrite,
-        summary_path=summary_path, work_dir=work_dir, restart=restart, on_result=on_result,
+        partitioned=partitioned, summary_path=summary_path, work_dir=work_dir, restart=restart,
+        on_result=on_result, return_frame=return_frame,
     )
 
 
@@ -87,21 +94,25 @@ def segment_auto(
     *,
     output: PathArg | None = None,
     overwrite: bool = False,
+    partitioned: bool = False,
     summary_path: PathArg | None = None,
     work_dir: PathArg | None = None,
     restart: bool = False,
     labels_raster: PathArg | None = None,
     settings: Settings | None = None,
     on_result: OnResult | None = None,
+    return_frame: bool = True,
     **overrides: Any,
-) -> gpd.GeoDataFrame:
+) -> gpd.GeoDataFrame | RunOutput:
     """Segment every object of whole scenes automatically: one polygon per object.
 
     Every tile is prompted with a grid of ``points_per_side ** 2`` points; masks that
     pass SAM's filters are stitched across tile edges (:mod:`sam_geo.geo.stitch`), so an
     object seen by several tiles comes out once and one larger than a tile is assembled
-    from its pieces. Returns one row per object with ``object_id`` (1, 2 ... in reading
-    order, stable across reruns; per scene), ``score`` (SAM's predicted IoU),
+    from its pieces. Returns one row per object with ``object_id`` (the number of the
+    scene pixel holding the object's representative point, ``row * width + col + 1``:
+    stable across reruns and tile grids; per scene; rows sorted by it, which is reading
+    order), ``score`` (SAM's predicted IoU),
     ``stability``, ``area_m2`` and ``n_tiles`` (tiles that saw it); holes are kept.
 
     Objects outside ``[min_area_m2, max_area_m2]`` are dropped after stitching; mask
@@ -114,7 +125,8 @@ def segment_auto(
     mode = AutoMode(None if labels_raster is None else str(labels_raster))
     return run_pipeline(
         mode, scenes, make_settings(settings, **overrides), output=output, overwrite=overwrite,
-        summary_path=summary_path, work_dir=work_dir, restart=restart, on_result=on_result,
+        partitioned=partitioned, summary_path=summary_path, work_dir=work_dir, restart=restart,
+        on_result=on_result, return_frame=return_frame,
     )
 
 
@@ -124,13 +136,15 @@ def segment_text(
     *,
     output: PathArg | None = None,
     overwrite: bool = False,
+    partitioned: bool = False,
     summary_path: PathArg | None = None,
     work_dir: PathArg | None = None,
     restart: bool = False,
     settings: Settings | None = None,
     on_result: OnResult | None = None,
+    return_frame: bool = True,
     **overrides: Any,
-) -> gpd.GeoDataFrame:
+) -> gpd.GeoDataFrame | RunOutput:
     """Find and outline every object matching ``phrases`` over whole scenes.
 
     The grounding detector of ``detector`` (a Hugging Face name, downloaded once into
@@ -142,5 +156,6 @@ def segment_text(
     mode = TextMode(phrases)
     return run_pipeline(
         mode, scenes, make_settings(settings, **overrides), output=output, overwrite=overwrite,
-        summary_path=summary_path, work_dir=work_dir, restart=restart, on_result=on_result,
+        partitioned=partitioned, summary_path=summary_path, work_dir=work_dir, restart=restart,
+        on_result=on_result, return_frame=return_frame,
     )

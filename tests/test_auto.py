@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import shapely
@@ -26,13 +29,18 @@ from sam_geo import segment_auto
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from sam_geo.errors import ConfigError, OutputExistsError
 from sam_geo.modes.automatic import (
+    AutoMode,
     _Candidate,
     _Coverage,
     _Frame,
     _point_batches,
     coarse_to_fine_order,
     grid_points,
+    object_ids,
+    stitched_frame,
 )
+from sam_geo.io.scenes import open_scene
+from sam_geo.run.summary import RunSummary
 from sam_geo.settings import make_settings
 from sam_geo.geo.stitch import BOTTOM, LEFT, RIGHT, TOP, Piece, interior_sides, piece_from_geometry, stitch
 from sam_geo.geo.tiles import TileGrid
@@ -363,7 +371,7 @@ def test_every_shape_is_one_polygon(auto_runs, tiling) -> None:
     truth = [to_crs(s, NORTH_UP) for s in E2E_SHAPES]
     assert_one_object_per_shape(gdf.geometry.to_numpy(), truth, min_iou=0.9)
     assert list(gdf.columns) == ["object_id", "score", "stability", "area_m2", "n_tiles", "geometry"]
-    assert gdf.object_id.tolist() == list(range(1, len(gdf) + 1))
+    assert gdf.object_id.is_unique and gdf.object_id.is_monotonic_increasing  # pixel numbers, reading order
     band = gdf.iloc[int(np.argmax([iou(g, truth[3]) for g in gdf.geometry]))]
     assert band.n_tiles >= 2 and band.area_m2 == pytest.approx(470 * 80 * 0.25, rel=0.05)
     assert ((gdf.area_m2 >= 100) & (gdf.area_m2 <= 10_000)).all()
@@ -373,6 +381,38 @@ def test_every_shape_is_one_polygon(auto_runs, tiling) -> None:
     assert summary["prompts"]["used"] + summary["prompts"]["skipped_covered"] == grid
     assert 0 < summary["prompts"]["used"] <= grid
     assert {"read", "encode", "decode", "vectorize", "stitch", "total"} <= set(summary["seconds"])
+
+
+def test_streamed_stitching_equals_one_pass_in_any_order(shapes_scene: Path) -> None:
+    """Objects stitched cluster by cluster as tiles come back (SeamBuffer), in three
+    random arrival orders, equal stitching all pieces at once: same ids, same polygons."""
+    results = []
+    segment_auto(shapes_scene, tile_size_px=256, overlap_px=48, points_per_side=4, workers=0, progress=False,
+                 on_result=results.append, **E2E_PARAMS)
+    mode = AutoMode()
+    settings = make_settings(None, tile_size_px=256, overlap_px=48, points_per_side=4, **E2E_PARAMS)
+    info = open_scene(shapes_scene)
+    mode.plan([info], settings)
+    tiles = {t.key: t.tile for t in mode.tasks}
+    one_pass = stitched_frame(info, [(tiles[r.tile_key], r.objects) for r in results], settings, {}, None)
+    assert len(one_pass) >= len(E2E_SHAPES) and len(results) == 9
+    for seed in range(3):
+        mode = AutoMode()
+        mode.plan([info], settings)
+        chunks = [mode.accept(results[k]) for k in np.random.default_rng(seed).permutation(len(results))]
+        chunks += list(mode.finish(RunSummary(scene="s", mode="auto")))
+        streamed = pd.concat([c for c in chunks if c is not None]).sort_values("object_id")
+        assert streamed.object_id.tolist() == one_pass.object_id.tolist()
+        for a, b in zip(streamed.geometry, one_pass.geometry):
+            assert a.equals(b)
+
+
+def test_object_ids_are_pixel_numbers_and_unique() -> None:
+    scene = SimpleNamespace(transform=Affine(0.5, 0, 100, 0, -0.5, 200), width=40, height=30)
+    same_pixel = [shapely.box(101.0, 195.0, 101.5, 195.5), shapely.box(101.0, 195.0, 101.5, 195.5)]
+    ids = object_ids(np.array(same_pixel + [shapely.box(110, 190, 112, 192)], dtype=object), scene)
+    # box 1: pixel row 9, col 2 -> 9 * 40 + 2 + 1; its twin takes the next number
+    assert ids.tolist() == [363, 364, 18 * 40 + 22 + 1]  # centre (111, 191): row 18, col 22
 
 
 @pytest.mark.ray

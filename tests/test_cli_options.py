@@ -30,7 +30,7 @@ NOT_SETTINGS = {  # options and arguments of each command that are not Settings 
     "auto": {"scenes", "labels_raster"},
     "text": {"scene", "phrases"},
 }
-SHARED = {"output", "overwrite", "summary_path", "work_dir", "restart", "config"}
+SHARED = {"output", "partitioned", "overwrite", "summary_path", "work_dir", "restart", "config"}
 UNIT_SUFFIXES = ("_px", "_m2", "_m")
 
 
@@ -271,7 +271,8 @@ def test_segment_calls_the_api(calls: dict[str, Any], tmp_path: Path, capsys: py
     assert scenes == ["a.tif", "b.tif"] and prompts == "p.gpkg"
     settings = kwargs.pop("settings")
     assert (settings.prompt_as, settings.tile_size_px, settings.workers) == ("box", 256, 0)
-    assert kwargs == {"output": "o.gpkg", "overwrite": True, "summary_path": "s.json", "work_dir": "w",
+    assert kwargs == {"output": "o.gpkg", "partitioned": False, "return_frame": False, "overwrite": True,
+                      "summary_path": "s.json", "work_dir": "w",
                       "restart": True, "prompts_layer": None, "prompts_crs": None, "id_column": "osm_id",
                       "negative_points": None, "group_column": "g", "label_column": None}
     err = capsys.readouterr().err

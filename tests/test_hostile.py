@@ -44,7 +44,7 @@ from rasterio.windows import Window
 from conftest import WEIGHTS, make_raster
 from sam_geo.run import host as model_host
 from sam_geo.io import scenes as raster
-from sam_geo.io import writers
+from sam_geo.io import stream
 from sam_geo.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 
 SIZE = 300
@@ -592,7 +592,8 @@ def test_all_prompts_unusable(base, out_dir, tmp_path, capsys) -> None:
                                        shapely.Polygon()], crs=UTM)
     layer = _save(frame, tmp_path / "lines.parquet")
     code, err = run_segment(capsys, base.scene, "--prompts", layer, "-o", out_dir / "o.gpkg")
-    assert_clean_failure(code, err, EXIT_BAD_INPUT, ("none of the 2 prompts", str(layer), "usable"), out_dir)
+    # the empty polygon lies nowhere, so it is not read from the file: one prompt, a line
+    assert_clean_failure(code, err, EXIT_BAD_INPUT, ("none of the 1 prompts", str(layer), "usable"), out_dir)
 
 
 def test_mixed_geometry_types(base, out_dir, tmp_path, capsys) -> None:
@@ -639,8 +640,9 @@ def test_invalid_geometries_are_repaired_or_reported(base, out_dir, tmp_path, ca
     assert_ok(code, err)
     gdf = assert_good_output(output, base.scene, count=2)
     assert_on_rects(gdf, {"bow-tie": rect_truth("a"), "collection": rect_truth("b")})
-    assert read_summary(summary)["prompts"]["invalid_ids"] == ["zero-area", "empty", "lines-only"]
-    assert "3 prompts with unusable geometry: zero-area, empty, lines-only" in err
+    # an empty geometry lies nowhere, so a file layer read only near the scene never returns it
+    assert read_summary(summary)["prompts"]["invalid_ids"] == ["zero-area", "lines-only"]
+    assert "2 prompts with unusable geometry: zero-area, lines-only" in err
 
 
 def test_multipolygons_duplicate_ids_and_3d_coordinates(base, out_dir, tmp_path, capsys) -> None:
@@ -661,7 +663,8 @@ def test_multipolygons_duplicate_ids_and_3d_coordinates(base, out_dir, tmp_path,
                             "--id-column", "name")
     assert_ok(code, err)
     gdf = assert_good_output(output, base.scene, count=4)
-    assert list(gdf["name"]) == ["dup", "dup", "c", "d"] and list(gdf["prompt_index"]) == [0, 1, 2, 3]
+    assert list(gdf["name"]) == ["dup", "dup", "c", "d"]
+    assert list(gdf["prompt_index"]) == [1, 2, 3, 4]  # the features' ids: GeoPackage fids start at 1
     for index, name in enumerate(RECTS):
         assert iou(gdf.geometry.iloc[index], rect_truth(name)) >= 0.8
     assert read_summary(summary)["prompts"]["used"] == 4
@@ -761,17 +764,17 @@ def test_failed_write_keeps_the_previous_file_or_leaves_nothing(base, out_dir, c
     output = out_dir / "o.gpkg"
     if previous:
         output.write_bytes(b"yesterday's polygons")
-    real = writers._WRITERS["GPKG"]
+    real = stream.gpkg_chunk
 
-    def dies_half_way(gdf, tmp, layer_name):  # type: ignore[no-untyped-def]
-        real(gdf, tmp, layer_name)
+    def dies_half_way(gdf, tmp, layer_name, *, append):  # type: ignore[no-untyped-def]
+        real(gdf, tmp, layer_name, append=append)
         with open(tmp, "r+b") as handle:  # half the file is on disk ...
             handle.truncate(tmp.stat().st_size // 2)
         if failure == "disk full":  # ... when the disk fills up or the process is interrupted
             raise OSError(errno.ENOSPC, "No space left on device")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(writers._WRITERS, "GPKG", dies_half_way)
+    monkeypatch.setattr(stream, "gpkg_chunk", dies_half_way)
     code, err = run_segment(capsys, base.scene, "--prompts", base.prompts, "-o", output, "--overwrite")
     keep = ("o.gpkg",) if previous else ()
     if failure == "disk full":
@@ -781,6 +784,38 @@ def test_failed_write_keeps_the_previous_file_or_leaves_nothing(base, out_dir, c
         assert sorted(p.name for p in out_dir.iterdir()) == sorted(keep)
     if previous:
         assert output.read_bytes() == b"yesterday's polygons"
+
+
+def test_every_output_kind_holds_the_rows_the_api_returns(base, out_dir) -> None:
+    """Streamed outputs (GPKG, GeoJSON, GeoParquet file, GeoParquet dataset) hold the
+    rows of the returned frame; return_frame=False returns the path and summary only."""
+    from sam_geo import RunOutput, segment
+
+    frame = segment(base.scene, base.prompts, workers=0, progress=False, output=out_dir / "a.gpkg")
+    assert len(frame) == 4 and frame.prompt_index.is_monotonic_increasing
+    for name in ("b.geojson", "c.parquet", "d/"):
+        target = str(out_dir / name) + ("/" if name.endswith("/") else "")
+        result = segment(base.scene, base.prompts, workers=0, progress=False, output=target, return_frame=False)
+        assert isinstance(result, RunOutput) and result.summary["features"] == 4
+        assert result.path == out_dir / name.rstrip("/") and result.summary["output"] == str(result.path)
+        back = read_output(result.path) if not name.endswith("/") else gpd.read_parquet(result.path)
+        back = back.to_crs(frame.crs).sort_values("prompt_index").reset_index(drop=True)
+        assert back.prompt_index.tolist() == frame.prompt_index.tolist()
+        assert np.allclose(back.score, frame.score) and np.allclose(back.area_m2, frame.area_m2)
+        assert all(a.symmetric_difference(b).area < 1e-3 * b.area for a, b in zip(back.geometry, frame.geometry)), name
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.gpkg", "b.geojson", "c.parquet", "d"]
+
+
+def test_cli_writes_a_partitioned_dataset_and_refuses_to_reuse_it(base, out_dir, capsys) -> None:
+    target = out_dir / "parts.parquet"
+    code, err = run_segment(capsys, base.scene, "--prompts", base.prompts, "-o", target, "--partitioned")
+    assert_ok(code, err)
+    assert target.is_dir() and len(gpd.read_parquet(target)) == 4
+    code, err = run_segment(capsys, base.scene, "--prompts", base.prompts, "-o", target, "--partitioned")
+    assert code == EXIT_BAD_INPUT and "--overwrite" in err
+    code, err = run_segment(capsys, base.scene, "--prompts", base.prompts, "-o", target, "--overwrite")
+    assert_ok(code, err)
+    assert len(list(target.glob("part-*.parquet"))) == 1 and len(gpd.read_parquet(target)) == 4
 
 
 def test_geojson_output_is_rfc7946(base, out_dir, capsys) -> None:

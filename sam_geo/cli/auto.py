@@ -30,10 +30,10 @@ def auto(**params: Any) -> None:
     settings = options.settings_from_cli(params, COMMAND)
     from sam_geo import segment_auto
 
-    gdf = segment_auto(
+    result = segment_auto(
         list(params["scenes"]),
         **options.run_arguments(params),
         labels_raster=params["labels_raster"],
         settings=settings,
     )
-    report_auto(summary_of(gdf))
+    report_auto(summary_of(result))

@@ -342,10 +342,13 @@ def _require_output(ctx: click.Context, param: click.Parameter, value: str | Non
 
 
 def output_options(func: F) -> F:
-    """-o/--output (required), --overwrite and --summary."""
+    """-o/--output (required), --partitioned, --overwrite and --summary."""
     options = [
-        click.option("-o", "--output", type=click.Path(dir_okay=False), callback=_require_output,
-                     help="Output file: .geojson, .gpkg or .parquet (required)."),
+        click.option("-o", "--output", type=click.Path(), callback=_require_output,
+                     help="Output file: .geojson, .gpkg or .parquet, or a folder (out/) for a partitioned "
+                          "GeoParquet dataset (required)."),
+        click.option("--partitioned", is_flag=True,
+                     help="Write a GeoParquet dataset (a folder of parts written as tiles finish) at --output."),
         click.option("--overwrite", is_flag=True, help="Replace the output (and summary) if it exists."),
         click.option("--summary", "summary_path", type=click.Path(dir_okay=False), metavar="PATH",
                      help="Write the run summary as JSON here."),
@@ -386,9 +389,10 @@ def segmentation_options(command: str) -> Decorator:
 
 
 def run_arguments(params: dict[str, Any]) -> dict[str, Any]:
-    """The API keywords of the options that are not settings: output, overwrite,
-    summary_path, work_dir, restart."""
-    return {name: params[name] for name in ("output", "overwrite", "summary_path", "work_dir", "restart")}
+    """The API keywords of the options that are not settings: output, partitioned,
+    overwrite, summary_path, work_dir, restart; the CLI keeps no frame in memory."""
+    names = ("output", "partitioned", "overwrite", "summary_path", "work_dir", "restart")
+    return {**{name: params[name] for name in names}, "return_frame": False}
 
 
 # --- settings ---------------------------------------------------------------------------

@@ -20,11 +20,13 @@ PROMPT_PROBLEMS = (("outside", "outside the scene"), ("on_nodata", "on nodata"),
                    ("invalid", "with unusable geometry"), ("empty", "with an empty mask"))
 
 
-def summary_of(gdf: Any) -> RunSummary:
-    """The run summary attached to a result GeoDataFrame."""
+def summary_of(result: Any) -> RunSummary:
+    """The run summary of a run's result: a :class:`~sam_geo.run.pipeline.RunOutput` or a
+    GeoDataFrame (``gdf.attrs["summary"]``)."""
     from sam_geo.run.summary import RunSummary
 
-    return RunSummary.from_dict(gdf.attrs["summary"])
+    data = result.summary if hasattr(result, "summary") else result.attrs["summary"]
+    return RunSummary.from_dict(data)
 
 
 def _failures(summary: RunSummary) -> list[str]:

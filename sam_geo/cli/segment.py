@@ -36,7 +36,7 @@ def segment(**params: Any) -> None:
     settings = options.settings_from_cli(params, COMMAND)
     from sam_geo import segment as run_segment
 
-    gdf = run_segment(
+    result = run_segment(
         list(params["scenes"]),
         params["prompts"],
         **options.run_arguments(params),
@@ -48,4 +48,4 @@ def segment(**params: Any) -> None:
         label_column=params["label_column"],
         settings=settings,
     )
-    report_prompted(summary_of(gdf))
+    report_prompted(summary_of(result))

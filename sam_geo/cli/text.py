@@ -26,10 +26,10 @@ def text(**params: Any) -> None:
     settings = options.settings_from_cli(params, COMMAND)
     from sam_geo import segment_text
 
-    gdf = segment_text(
+    result = segment_text(
         [params["scene"]],
         list(params["phrases"]),
         **options.run_arguments(params),
         settings=settings,
     )
-    report_prompted(summary_of(gdf))
+    report_prompted(summary_of(result))

@@ -75,6 +75,7 @@ __all__ = [
     "RIGHT",
     "TOP",
     "Piece",
+    "SeamBuffer",
     "StitchedObjects",
     "interior_sides",
     "piece_from_geometry",
@@ -255,14 +256,15 @@ def _extent(tiles: Sequence[Tile]) -> PixelBox:
     )
 
 
-def _margins(bbox: np.ndarray, tiles: list[Tile], tile_index: np.ndarray) -> np.ndarray:
+def _margins(bbox: np.ndarray, tiles: list[Tile], tile_index: np.ndarray, extent: PixelBox | None) -> np.ndarray:
     """Distance (scene px) from each box to the nearest read side facing another tile.
 
-    Sides at the edge of the tiles' extent face nothing and count as infinitely far.
+    Sides at the edge of ``extent`` (default: the tiles' own extent) face nothing and
+    count as infinitely far.
     """
     if len(bbox) == 0:
         return np.zeros(0)
-    extent = _extent(tiles)
+    extent = extent or _extent(tiles)
     read = np.array([[t.read.row_start, t.read.col_start, t.read.row_stop, t.read.col_stop] for t in tiles])
     r = read[tile_index]
     inf = np.inf
@@ -273,7 +275,7 @@ def _margins(bbox: np.ndarray, tiles: list[Tile], tile_index: np.ndarray) -> np.
     return np.minimum.reduce([top, left, bottom, right])
 
 
-def _build_table(parts: Iterable[tuple[Tile, Sequence[Piece]]]) -> _Table:
+def _build_table(parts: Iterable[tuple[Tile, Sequence[Piece]]], extent: PixelBox | None = None) -> _Table:
     """Collect the pieces (tiles sorted by key, so the result does not depend on the
     order tiles finished in), repair invalid polygons and drop empty ones."""
     by_key = {tile.key: (tile, list(pieces)) for tile, pieces in parts}
@@ -296,7 +298,7 @@ def _build_table(parts: Iterable[tuple[Tile, Sequence[Piece]]]) -> _Table:
         stability=np.array([p.stability for _, p in records], dtype=np.float64),
         edges=np.array([p.edges for _, p in records], dtype=np.int64),
         bbox=bbox,
-        margin=_margins(bbox, tiles, tile_index),
+        margin=_margins(bbox, tiles, tile_index, extent),
         tiles=tiles,
         read_polys=np.array([_box_polygon(t.read, t.scene_transform) for t in tiles], dtype=object),
         core_polys=np.array([_box_polygon(t.core, t.scene_transform) for t in tiles], dtype=object),
@@ -558,6 +560,7 @@ def stitch(
     match_iou: float = DEFAULT_MATCH_IOU,
     nms_iou: float = DEFAULT_NMS_IOU,
     min_owned: float = DEFAULT_MIN_OWNED,
+    extent: PixelBox | None = None,
 ) -> StitchedObjects:
     """Stitch the pieces of overlapping tiles into one polygon per object.
 
@@ -572,6 +575,9 @@ def stitch(
             this (0-1] are dropped as duplicates.
         min_owned: share [0, 1] of an object's area that the cores of the tiles in its
             group must hold for it to be kept (0 keeps every object).
+        extent: the pixel box the whole grid covers (the scene), when ``parts`` hold
+            only some of its tiles (a :class:`SeamBuffer`'s closed clusters); default:
+            the extent of the tiles given.
 
     Returns:
         :class:`StitchedObjects` in reading order. See the module docs for the rule.
@@ -584,7 +590,7 @@ def stitch(
             raise ConfigError(f"stitching {name} must be in (0, 1], got {value}")
     if not 0.0 <= min_owned <= 1.0:
         raise ConfigError(f"stitching min owned share must be in [0, 1], got {min_owned}")
-    table = _build_table(parts)
+    table = _build_table(parts, extent)
     left, right, iou = _candidate_pairs(table)
     group, joins = _group(table, left, right, iou, match_iou)
     objects, stats = _assemble(table, group, min_owned)
@@ -602,3 +608,82 @@ def stitch(
     objects = objects.take(_reading_order(objects.geometry, transform))
     objects.stats = stats
     return objects
+
+
+# --- streaming -------------------------------------------------------------------------
+
+
+class SeamBuffer:
+    """One grid's tile pieces held until no tile still running can change their objects.
+
+    Pieces whose boxes meet, directly or through other pieces, form a *cluster*. Every
+    step of :func:`stitch` (candidate pairs, groups, ownership, duplicates, and the
+    nested filter after it) relates pieces whose boxes meet, so a cluster is stitched
+    alone exactly as within the whole grid. A cluster is *closed* when no box of its
+    pieces meets the read window of a tile that has not come back: no later piece can
+    join it. :meth:`pop_closed` hands out the closed clusters and forgets them, so the
+    buffer holds only pieces near unfinished tiles (and clusters chained to them: in a
+    scene covered by touching masks that can be much of it).
+
+    Args:
+        tiles: every tile of the grid (descriptors only) by the key its pieces will come
+            with (:meth:`add`).
+    """
+
+    def __init__(self, tiles: dict[str, Tile]) -> None:
+        self.tiles = dict(tiles)
+        self.extent = _extent(list(self.tiles.values()))
+        self.unfinished = set(self.tiles)
+        self.pending: dict[str, list[Piece]] = {}
+
+    @property
+    def done(self) -> bool:
+        """Every tile came back."""
+        return not self.unfinished
+
+    def add(self, tile_key: str, pieces: Sequence[Piece]) -> None:
+        """A tile came back (a failed tile with no pieces too)."""
+        self.unfinished.discard(tile_key)
+        if pieces:
+            self.pending[tile_key] = list(pieces)
+
+    def pop_closed(self) -> list[tuple[Tile, list[Piece]]]:
+        """The pieces of every closed cluster, by tile, removed from the buffer."""
+        keys = [k for k, pieces in self.pending.items() for _ in pieces]
+        if not keys:
+            return []
+        flat = [p for pieces in self.pending.values() for p in pieces]
+        boxes = np.array([p.bbox for p in flat], dtype=np.float64)
+        cluster = _touching_clusters(boxes)
+        blocked = self._near_unfinished(boxes)
+        open_clusters = np.unique(cluster[blocked])
+        closed = ~np.isin(cluster, open_clusters)
+        out: dict[str, list[Piece]] = {}
+        kept: dict[str, list[Piece]] = {}
+        for key, piece, is_closed in zip(keys, flat, closed):
+            (out if is_closed else kept).setdefault(key, []).append(piece)
+        self.pending = kept
+        return [(self.tiles[k], pieces) for k, pieces in out.items()]
+
+    def _near_unfinished(self, boxes: np.ndarray) -> np.ndarray:
+        """(n,) bool: the box meets the read window of a tile not back yet."""
+        if not self.unfinished:
+            return np.zeros(len(boxes), dtype=bool)
+        reads = [self.tiles[k].read for k in self.unfinished]
+        windows = shapely.box(*_boxes(reads)[:, [1, 0, 3, 2]].T)
+        hits, _ = shapely.STRtree(windows).query(shapely.box(*boxes[:, [1, 0, 3, 2]].T), predicate="intersects")
+        blocked = np.zeros(len(boxes), dtype=bool)
+        blocked[hits] = True
+        return blocked
+
+
+def _touching_clusters(boxes: np.ndarray) -> np.ndarray:
+    """(n,) cluster label of each ``(row0, col0, row1, col1)`` box: connected components
+    of the boxes that meet (touching counts)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    geoms = shapely.box(*boxes[:, [1, 0, 3, 2]].T)
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(len(boxes), len(boxes)))
+    return connected_components(graph, directed=False)[1]

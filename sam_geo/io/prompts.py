@@ -41,6 +41,7 @@ from sam_geo.errors import CRSError, PromptError
 from sam_geo.settings import PROMPT_AS as PROMPT_MODES
 from sam_geo.settings import PromptAs as PromptMode
 from sam_geo.geo.tiles import PixelBox, Tile, TileGrid
+from sam_geo.io.layers import Area, LayerInfo, read_layer_near
 from sam_geo.io.prompt_batch import PromptBatch  # re-exported: it lives in its own light module
 
 
@@ -120,6 +121,53 @@ def read_prompt_layer(
     if len(frame) == 0:
         raise PromptError(f"{name} has no features; nothing to prompt with")
     return frame.reset_index(drop=True)
+
+
+def read_prompts_near(
+    source: str | os.PathLike[str] | gpd.GeoDataFrame,
+    areas: list[Area],
+    *,
+    layer: str | None = None,
+    assume_crs: str | None = None,
+    allow_empty: bool = False,
+) -> tuple[gpd.GeoDataFrame, int | None]:
+    """A prompt layer where it meets ``areas`` (the scenes' footprints).
+
+    A GeoDataFrame is taken whole (index: its row positions); a file is read only where
+    it meets the areas (:func:`sam_geo.io.layers.read_layer_near`; index: the features'
+    ids in the layer). The index is named ``prompt_index``. Returns the frame and the
+    number of features in the whole layer (None where the format does not say).
+
+    Raises :class:`PromptError` for a missing, unreadable or empty layer and, unless
+    ``allow_empty``, when no feature lies near the areas (the message gives the layer's
+    extent and each scene's, each in its CRS: almost always a CRS mistake);
+    :class:`CRSError` for a layer without CRS and no ``assume_crs``.
+    """
+    if isinstance(source, gpd.GeoDataFrame):
+        frame = read_prompt_layer(source, assume_crs=assume_crs)
+        frame.index = pd.RangeIndex(len(frame), name="prompt_index")
+        return frame, len(frame)
+    path = Path(source)
+    frame, info = read_layer_near(path, areas, layer=layer, assume_crs=assume_crs)
+    if info.features == 0:
+        raise PromptError(f"{path} has no features; nothing to prompt with")
+    if len(frame) == 0 and not allow_empty:
+        raise _nothing_near(path, info, areas)
+    return frame, info.features
+
+
+def _nothing_near(path: Path, info: LayerInfo, areas: list[Area]) -> PromptError:
+    """No feature of the layer lies near any scene: extents side by side."""
+    count = f"{info.features:,} " if info.features is not None else ""
+    spans = (f"span {_extent(info.bounds)} in {_crs_name(info.crs)}" if info.bounds is not None
+             else f"are in {_crs_name(info.crs)}")
+    where = "; ".join(f"{a.name} covers {_extent(a.polygon.bounds)} in {_crs_name(a.crs)}" for a in areas[:5])
+    target = "the scene" if len(areas) == 1 else f"any of the {len(areas)} scenes"
+    return PromptError(
+        f"none of the {count}prompts of {path} intersect {target}: the prompts {spans}, while {where}. "
+        "Check the prompt layer's CRS (set the right one in the file, or pass --prompts-crs for a layer "
+        "without one) and that the layer covers the scene."
+    )
 
 
 def _read_vector_file(path: Path, layer: str | None) -> gpd.GeoDataFrame:

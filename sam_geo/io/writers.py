@@ -38,6 +38,7 @@ nullable booleans or integers; missing values are written as nulls.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable
@@ -108,7 +109,7 @@ def check_output_path(
         OutputExistsError: the file exists and ``overwrite`` is false.
     """
     target = Path(path).expanduser()
-    _format_for(target)
+    format_for(target)
     for what, other in (others or {}).items():
         if _same_file(target, other):
             raise OutputError(
@@ -134,7 +135,7 @@ def _same_file(target: Path, other: Any) -> bool:
     return os.path.abspath(target) == os.path.abspath(candidate)
 
 
-def _format_for(path: Path) -> str:
+def format_for(path: Path) -> str:
     """Format name for ``path``'s suffix (case-insensitive), or OutputError."""
     suffix = path.suffix.lower()
     try:
@@ -143,7 +144,7 @@ def _format_for(path: Path) -> str:
         supported = ", ".join(sorted(SUPPORTED_SUFFIXES))
         raise OutputError(
             f"cannot write {str(path)!r}: unsupported suffix {suffix or '(none)'!r}; "
-            f"use one of {supported}"
+            f"use one of {supported}, or a folder ending with / for a partitioned GeoParquet dataset"
         ) from None
 
 
@@ -180,7 +181,7 @@ def write_vector(
     """
     _check_frame(gdf)
     target = check_output_path(path, overwrite=overwrite)
-    fmt = _format_for(target)
+    fmt = format_for(target)
     layer_name = _layer_name(layer, target)
     try:
         with atomic_path(target, suffix=target.suffix, overwrite=overwrite) as tmp:
@@ -223,18 +224,40 @@ def _layer_name(layer: str | None, target: Path) -> str:
 
 def _write_geojson(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
     """RFC 7946 GeoJSON: EPSG:4326, lon/lat, CCW shells/CW holes, 7 decimals, no crs."""
+    geojson_chunk(gdf, tmp, layer_name, append=False)
+
+
+def _rfc7946_ready(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
+    """``gdf`` in EPSG:4326 with CCW shells / CW holes and OGR-friendly columns."""
     lonlat = _to_wgs84(gdf)  # a copy: safe to modify
     oriented = shapely.orient_polygons(np.asarray(lonlat.geometry.values), exterior_cw=False)
     lonlat[lonlat.geometry.name] = geopandas.GeoSeries(
         oriented, index=lonlat.index, crs=lonlat.crs
     )
+    return _for_ogr(lonlat)
+
+
+def geojson_chunk(gdf: geopandas.GeoDataFrame, path: Path, layer_name: str, *, append: bool = False) -> None:
+    """Write an RFC 7946 FeatureCollection at ``path`` (``append``: not supported here,
+    GDAL rereads the whole file per append; stream with :func:`geojson_features`)."""
+    if append:
+        raise ValueError("append GeoJSON features with geojson_features, not by reopening the file")
     pyogrio.write_dataframe(
-        _for_ogr(lonlat),
-        tmp,
-        driver="GeoJSON",
-        layer=layer_name,
+        _rfc7946_ready(gdf), path, driver="GeoJSON", layer=layer_name,
         layer_options={"RFC7946": "YES", "COORDINATE_PRECISION": str(GEOJSON_DECIMALS)},
     )
+
+
+def geojson_features(gdf: geopandas.GeoDataFrame) -> list[bytes]:
+    """RFC 7946 GeoJSON Features of ``gdf`` (one UTF-8 text each, EPSG:4326, rounded to
+    :data:`GEOJSON_DECIMALS`), written by GDAL's GeoJSONSeq driver into memory: what a
+    streamed FeatureCollection is made of."""
+    buffer = io.BytesIO()
+    pyogrio.write_dataframe(
+        _rfc7946_ready(gdf), buffer, driver="GeoJSONSeq", layer="features",
+        layer_options={"RS": "NO", "COORDINATE_PRECISION": str(GEOJSON_DECIMALS)},
+    )
+    return [line for line in buffer.getvalue().splitlines() if line.strip()]
 
 
 def _to_wgs84(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
@@ -271,6 +294,17 @@ def _write_gpkg(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None
         driver="GPKG",
         layer=layer_name,
         layer_options={"SPATIAL_INDEX": "YES", "FID": fid_name, "GEOMETRY_NAME": geometry_name},
+    )
+
+
+def gpkg_chunk(gdf: geopandas.GeoDataFrame, path: Path, layer_name: str, *, append: bool) -> None:
+    """Write (or append to, one transaction) a MultiPolygon GeoPackage layer at ``path``
+    with an R-tree; names as :func:`_write_gpkg`."""
+    frame, fid_name, geometry_name = _gpkg_names(_for_ogr(gdf))
+    options = {} if append else {"SPATIAL_INDEX": "YES", "FID": fid_name, "GEOMETRY_NAME": geometry_name}
+    pyogrio.write_dataframe(
+        frame, path, driver="GPKG", layer=layer_name, layer_options=options, append=append,
+        geometry_type="MultiPolygon", promote_to_multi=True,
     )
 
 
@@ -315,7 +349,12 @@ def _free_name(candidates: tuple[str, ...], taken: set[str]) -> str:
 def _write_parquet(gdf: geopandas.GeoDataFrame, tmp: Path, layer_name: str) -> None:
     """GeoParquet 1.x (``layer_name`` unused: the format has a single table)."""
     del layer_name
-    _uniform_objects(gdf).to_parquet(tmp)
+    parquet_ready(gdf).to_parquet(tmp)
+
+
+def parquet_ready(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:
+    """``gdf`` as Arrow can store it (see :func:`_uniform_objects`)."""
+    return _uniform_objects(gdf)
 
 
 def _uniform_objects(gdf: geopandas.GeoDataFrame) -> geopandas.GeoDataFrame:

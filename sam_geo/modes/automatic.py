@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from affine import Affine
 
 from sam_geo.errors import ConfigError
-from sam_geo.geo.stitch import Piece, greedy_suppression, piece_from_geometry, stitch
-from sam_geo.geo.tiles import TileGrid
+from sam_geo.geo.stitch import Piece, SeamBuffer, greedy_suppression, piece_from_geometry, stitch
+from sam_geo.geo.tiles import PixelBox, TileGrid
 from sam_geo.geo.vectorize import geometry_area_m2, mask_to_geometry
 from sam_geo.io.labels import check_labels_path, write_labels_raster
 from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
@@ -68,6 +68,12 @@ are fastest per point: MobileSAM on 2 cores, three masks per point, 112 ms per p
 (``benchmarks/decoder_batch.py --points``). Small batches also let
 :attr:`~sam_geo.settings.Settings.skip_covered` see the masks of one batch before
 choosing the next."""
+
+STITCH_EVERY = 8
+"""Tiles between two looks for closed clusters to stitch (:class:`~sam_geo.geo.stitch.SeamBuffer`)."""
+
+LABELS_MAX_ID = 2**32 - 1
+"""Object ids of a labels raster are uint32 (0 = no object); ids are scene pixel numbers."""
 
 MIN_OVERLAP_PX = 16
 """Smallest tile overlap (model pixels) automatic mode accepts: pieces of an object are
@@ -460,6 +466,7 @@ class AutoMode:
     """
 
     name = "auto"
+    order_by = "object_id"
     tile_settings = (
         *COMMON_TILE_SETTINGS, "points_per_side", "pred_iou_thresh", "stability_score_thresh",
         "stability_score_offset", "box_nms_thresh", "max_tile_fraction", "skip_covered", "cover_max_fraction",
@@ -470,6 +477,14 @@ class AutoMode:
         self.settings: Settings | None = None
         self.tasks: list[AutoTileTask] = []
         self.scenes: list[SceneInfo] = []
+        self.scene_of_tile: dict[str, SceneInfo] = {}
+        self.buffers: dict[str, SeamBuffer] = {}
+        self.since_stitch = 0
+        self.points_used = 0
+        self.points_skipped = 0
+        self.counts: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+        self.kept: list[gpd.GeoDataFrame] = []
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -502,12 +517,20 @@ class AutoMode:
                 f"a labels raster is written on one scene's pixel grid, but {len(scenes)} scenes were given; "
                 "run each scene on its own to get its labels raster"
             )
+        if self.labels_raster is not None and scenes[0].height * scenes[0].width >= LABELS_MAX_ID:
+            raise ConfigError(
+                f"a labels raster holds object ids below {LABELS_MAX_ID:,} (uint32), but this scene has "
+                f"{scenes[0].height * scenes[0].width:,} pixels; run without --labels-raster"
+            )
         self.settings, self.scenes, self.tasks = settings, scenes, []
         for info in scenes:
             grid = TileGrid(info.height, info.width, info.transform, settings.tile_size_px, settings.overlap_px,
                             settings.zoom or 1)
             stretch = compute_stretch(info, method=settings.stretch)
-            self.tasks += [AutoTileTask(info, stretch, tile, settings) for tile in grid]
+            tasks = [AutoTileTask(info, stretch, tile, settings) for tile in grid]
+            self.buffers[info.path] = SeamBuffer({t.key: t.tile for t in tasks})
+            self.tasks += tasks
+        self.scene_of_tile = {t.key: t.scene for t in self.tasks}
         return list(self.tasks)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -519,61 +542,108 @@ class AutoMode:
         """The zoom the tiles ran at."""
         return {"zoom": self.settings.zoom or 1}
 
-    def assemble(self, results: list[TileResult], summary: RunSummary) -> gpd.GeoDataFrame:
-        """Stitch each scene's pieces, filter, number the objects; scenes merged in the
-        first scene's CRS with a ``scene`` column when there are several."""
-        summary.prompts.used = sum(getattr(r, "points", 0) for r in results)
-        summary.prompts.skipped_covered = sum(getattr(r, "points_skipped", 0) for r in results)
-        seconds: dict[str, float] = {}
-        with cpu_timed(seconds, "stitch"):
-            by_key = {r.tile_key: r for r in results if not r.error}
-            parts: dict[str, list[tuple[Any, list[Piece]]]] = {info.path: [] for info in self.scenes}
-            for task in self.tasks:  # one pass: a mosaic may hold thousands of scenes
-                if task.key in by_key:
-                    parts[task.scene.path].append((task.tile, by_key[task.key].objects))
-            frames = [stitched_frame(info, parts[info.path], self.settings, summary) for info in self.scenes]
-        summary.add_seconds(seconds)
-        if len(frames) == 1:
-            return frames[0]
-        return merge_scene_frames([f.assign(scene=i.path) for f, i in zip(frames, self.scenes)])
+    def accept(self, result: TileResult) -> gpd.GeoDataFrame | None:
+        """The tile's pieces into its scene's :class:`~sam_geo.geo.stitch.SeamBuffer`; every
+        :data:`STITCH_EVERY` tiles (and when a scene is done) the closed clusters are
+        stitched and their objects returned."""
+        self.points_used += getattr(result, "points", 0)
+        self.points_skipped += getattr(result, "points_skipped", 0)
+        scene = self.scene_of_tile[result.tile_key]
+        buffer = self.buffers[scene.path]
+        buffer.add(result.tile_key, [] if result.error else result.objects)
+        self.since_stitch += 1
+        if self.since_stitch < STITCH_EVERY and not buffer.done:
+            return None
+        self.since_stitch = 0
+        return self._stitch_closed()
 
-    def write_outputs(self, gdf: gpd.GeoDataFrame, overwrite: bool, summary: RunSummary) -> None:
+    def finish(self, summary: RunSummary) -> Iterator[gpd.GeoDataFrame]:
+        """The objects still held (every tile is back, so every cluster is closed); counts."""
+        yield self._stitch_closed()
+        summary.prompts.used = self.points_used
+        summary.prompts.skipped_covered = self.points_skipped
+        _add_counts(summary.objects, self.counts)
+        summary.add_seconds(self.seconds)
+
+    def _stitch_closed(self) -> gpd.GeoDataFrame:
+        """Objects of every closed cluster of every scene, in the first scene's CRS."""
+        frames = []
+        with cpu_timed(self.seconds, "stitch"):
+            for info in self.scenes:
+                parts = self.buffers[info.path].pop_closed()
+                if parts or info is self.scenes[0]:  # the first scene's frame sets the CRS
+                    frame = stitched_frame(info, parts, self.settings, self.counts, self.buffers[info.path].extent)
+                    frames.append(frame.assign(scene=info.path) if len(self.scenes) > 1 else frame)
+        out = frames[0] if len(frames) == 1 else merge_scene_frames(frames)
+        if self.labels_raster is not None:
+            self.kept.append(out)
+        return out
+
+    def write_outputs(self, overwrite: bool, summary: RunSummary) -> None:
         """The labels raster, when asked for."""
         if self.labels_raster is not None:
+            gdf = pd.concat(self.kept, ignore_index=True) if self.kept else stitched_frame(
+                self.scenes[0], [], self.settings, {}, None)
+            gdf = gpd.GeoDataFrame(gdf, geometry=gdf.geometry.name, crs=self.scenes[0].crs)
             path = write_labels_raster(gdf, self.scenes[0], self.labels_raster, overwrite=overwrite)
             summary.objects["labels_raster"] = str(path)
 
 
 def stitched_frame(
-    info: SceneInfo, parts: list[tuple[Any, list[Piece]]], settings: Settings, summary: RunSummary
+    info: SceneInfo, parts: list[tuple[Any, list[Piece]]], settings: Settings, counts: dict[str, Any],
+    extent: PixelBox | None,
 ) -> gpd.GeoDataFrame:
-    """Stitch one scene's tile pieces, clean and filter by area, number the objects.
+    """Stitch tile pieces of one scene (all of it, or closed clusters of a
+    :class:`~sam_geo.geo.stitch.SeamBuffer` with the grid's ``extent``), clean and filter
+    by area, number the objects.
 
     Objects outside ``[min_area_m2, max_area_m2]`` are dropped, then nested ones when
-    ``nested_thresh`` is set; ``object_id`` is 1, 2 ... in reading order. Stitching
-    counts are added to ``summary.objects``.
+    ``nested_thresh`` is set; ``object_id`` comes from :func:`object_ids`. Stitching
+    counts are added to ``counts``.
     """
-    objects = stitch(parts, match_iou=settings.match_iou, nms_iou=settings.box_nms_thresh)
+    objects = stitch(parts, match_iou=settings.match_iou, nms_iou=settings.box_nms_thresh, extent=extent)
     geoms = _drop_small_parts(objects.geometry, area_in_crs_units(info, settings.speck_area_m2("auto")))
     area = geometry_area_m2(list(geoms), info.crs) if len(geoms) else np.zeros(0)
     keep = ~shapely.is_missing(geoms) & (area >= settings.min_area_m2) & (area > 0)
     if settings.max_area_m2 is not None:
         keep &= area <= settings.max_area_m2
     rows = np.flatnonzero(keep)
-    _add_counts(summary.objects, {**objects.stats, "outside_area_range": int(len(objects) - len(rows))})
+    _add_counts(counts, {**objects.stats, "outside_area_range": int(len(objects) - len(rows))})
     if settings.nested_thresh is not None:
         nested_kept = greedy_suppression(geoms[rows], objects.score[rows], settings.nested_thresh, overlap="ios")
-        _add_counts(summary.objects, {"nested_suppressed": int(len(rows) - len(nested_kept))})
+        _add_counts(counts, {"nested_suppressed": int(len(rows) - len(nested_kept))})
         rows = rows[nested_kept]
     kept = objects.take(rows)
     frame = {
-        "object_id": np.arange(1, len(rows) + 1, dtype=np.int64),
+        "object_id": object_ids(geoms[rows], info),
         "score": kept.score.astype(np.float64),
         "stability": kept.stability.astype(np.float64),
         "area_m2": area[rows],
         "n_tiles": kept.n_tiles.astype(np.int64),
     }
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(geoms[rows]), crs=info.crs), crs=info.crs)
+
+
+def object_ids(geoms: np.ndarray, info: SceneInfo) -> np.ndarray:
+    """(n,) int64 ids that do not depend on the tile grid, the order tiles finished in or
+    the rest of the scene: ``row * width + col + 1`` of the scene pixel (full resolution)
+    holding each object's representative point (:func:`shapely.point_on_surface`).
+    Objects given together that share that pixel (overlapping ones) get the next free
+    number, in the order given (reading order, from :func:`~sam_geo.geo.stitch.stitch`)."""
+    if len(geoms) == 0:
+        return np.zeros(0, dtype=np.int64)
+    xy = shapely.get_coordinates(shapely.point_on_surface(geoms))
+    cols, rows = ~info.transform * (xy[:, 0], xy[:, 1])
+    rows = np.clip(np.floor(rows), 0, info.height - 1).astype(np.int64)
+    cols = np.clip(np.floor(cols), 0, info.width - 1).astype(np.int64)
+    ids = rows * info.width + cols + 1
+    used: set[int] = set()
+    for k, value in enumerate(ids.tolist()):
+        while value in used:
+            value += 1
+        used.add(value)
+        ids[k] = value
+    return ids
 
 
 def _add_counts(total: dict[str, Any], counts: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ joins the polygons to the prompts' attributes.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -36,8 +37,9 @@ from sam_geo.io.prompts import (
     negative_points_in_pixels,
     no_usable_prompts,
     plan_prompt_tiles,
-    read_prompt_layer,
+    read_prompts_near,
 )
+from sam_geo.io.layers import Area
 from sam_geo.io.scenes import SceneInfo, SceneReader, Stretch, compute_stretch
 from sam_geo.run.host import ModelHost, cpu_timed
 from sam_geo.run.post import PromptMasks, prompt_polygons
@@ -199,12 +201,14 @@ class _Layer:
     id_column: str | None
     group_points: GroupPoints | None
     negatives: gpd.GeoDataFrame | None
+    layer_features: int | None
 
 
 class PromptedMode:
     """Prompted segmentation as a :class:`~sam_geo.run.tasks.Mode`."""
 
     name = "prompted"
+    order_by = "prompt_index"
     tile_settings = (*COMMON_TILE_SETTINGS, "min_area_m2", "prompt_as", "box_grow", "multimask")
 
     def __init__(self, prompts: PromptLayer) -> None:
@@ -214,6 +218,8 @@ class PromptedMode:
         self.outside: tuple[int, ...] = ()
         self.invalid: tuple[int, ...] = ()
         self.scene_of_tile: dict[str, SceneInfo] = {}
+        self.on_nodata: list[int] = []
+        self.empty: list[int] = []
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -226,16 +232,17 @@ class PromptedMode:
     def check_outputs(self, overwrite: bool) -> None:
         """No outputs besides the vector layer."""
 
-    def write_outputs(self, gdf: gpd.GeoDataFrame, overwrite: bool, summary: RunSummary) -> None:
+    def write_outputs(self, overwrite: bool, summary: RunSummary) -> None:
         """No outputs besides the vector layer."""
 
     def plan(self, scenes: list[SceneInfo], settings: Settings) -> list[TileTask]:
-        """Read the layer, give each prompt to the first scene it intersects, plan tiles.
+        """Read the layer near the scenes, give each prompt to the first scene it
+        intersects, plan tiles.
 
         Raises :class:`~sam_geo.errors.PromptError` when no prompt can be used (almost
         always a CRS or extent mistake; the message says which).
         """
-        self.layer = self._read_layer()
+        self.layer = self._read_layer(scenes)
         self.jobs, self.outside, self.invalid = self._plan_scenes(scenes, settings)
         if not self.jobs:
             source = self.prompts.source
@@ -246,10 +253,12 @@ class PromptedMode:
         self.scene_of_tile = {task.key: task.scene for task in tasks}
         return list(tasks)
 
-    def _read_layer(self) -> _Layer:
+    def _read_layer(self, scenes: list[SceneInfo]) -> _Layer:
+        """The prompt layer: a GeoDataFrame whole, a file only near the scenes
+        (:func:`~sam_geo.io.layers.read_layer_near`), index = the features' ids."""
         p = self.prompts
-        frame = read_prompt_layer(p.source, layer=p.layer, assume_crs=p.crs)
-        frame.index = pd.RangeIndex(len(frame), name="prompt_index")
+        areas = [Area(shapely.box(*info.bounds), info.crs, info.path) for info in scenes]
+        frame, layer_features = read_prompts_near(p.source, areas, layer=p.layer, assume_crs=p.crs)
         if p.id_column is not None and p.id_column not in frame.columns:
             raise ConfigError(
                 f"id column {p.id_column!r} is not in the prompt layer; its columns are: "
@@ -261,8 +270,10 @@ class PromptedMode:
             id_column = id_column or p.group_column
         elif p.label_column is not None:
             raise ConfigError("a label column needs a group column naming which object each point belongs to")
-        negatives = read_prompt_layer(p.negative_points) if p.negative_points is not None else None
-        return _Layer(frame, id_column, group_points, negatives)
+        negatives = None
+        if p.negative_points is not None:
+            negatives, _ = read_prompts_near(p.negative_points, areas, allow_empty=True)
+        return _Layer(frame, id_column, group_points, negatives, layer_features)
 
     def _plan_scenes(
         self, infos: list[SceneInfo], settings: Settings
@@ -312,23 +323,31 @@ class PromptedMode:
         """The zoom each scene ran at (auto zoom depends on the prompts)."""
         return {"zoom": [job.grid.zoom for job in self.jobs]}
 
-    def assemble(self, results: list[TileResult], summary: RunSummary) -> gpd.GeoDataFrame:
-        """Join decoded polygons to their prompts' attributes; fill the summary's counts.
+    def accept(self, result: TileResult) -> gpd.GeoDataFrame | None:
+        """The tile's polygons joined to their prompts' attributes (a prompt is decoded
+        in one tile only, so its row is final); prompts on nodata or empty are noted."""
+        self.on_nodata += getattr(result, "on_nodata", [])
+        results = getattr(result, "results", [])
+        self.empty += [r.prompt_index for r in results if r.wkb is None]
+        done = sorted((r for r in results if r.wkb is not None), key=lambda r: r.prompt_index)
+        if not done:
+            return None
+        return self._frame([(self.scene_of_tile[result.tile_key], r) for r in done])
+
+    def finish(self, summary: RunSummary) -> Iterator[gpd.GeoDataFrame]:
+        """Nothing left to give (every row went out with its tile); the prompt counts.
 
         Several scenes are merged into the first scene's CRS (reprojected explicitly)
         with a ``scene`` column naming each row's scene.
         """
-        records = [(self.scene_of_tile[res.tile_key], r) for res in results for r in getattr(res, "results", [])]
-        on_nodata = sorted({i for res in results for i in getattr(res, "on_nodata", [])})
-        empty = sorted(r.prompt_index for _, r in records if r.wkb is None)
-        done = sorted(((s, r) for s, r in records if r.wkb is not None), key=lambda sr: sr[1].prompt_index)
-        self._count_prompts(summary, on_nodata, empty)
-        return self._frame(done)
+        self._count_prompts(summary, sorted(set(self.on_nodata)), sorted(self.empty))
+        yield self._frame([])
 
     def _count_prompts(self, summary: RunSummary, on_nodata: list[int], empty: list[int]) -> None:
         frame, id_column = self.layer.frame, self.layer.id_column
         counts = summary.prompts
         counts.total = len(frame)
+        counts.layer_features = self.layer.layer_features
         counts.used = sum(len(j.prompts.batch) for j in self.jobs)
         counts.outside, counts.outside_ids = len(self.outside), prompt_ids(frame, self.outside, id_column)
         counts.invalid, counts.invalid_ids = len(self.invalid), prompt_ids(frame, self.invalid, id_column)

@@ -15,7 +15,7 @@ detector score kept). Each output row carries the phrase, the detector's score
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,7 @@ class TextMode:
     ``phrases`` by the grounding detector of ``settings.detector``."""
 
     name = "text"
+    order_by = None
     tile_settings = (*COMMON_TILE_SETTINGS, "min_area_m2", "detector", "box_threshold", "text_threshold")
 
     def __init__(self, phrases: str | Sequence[str]) -> None:
@@ -174,6 +175,7 @@ class TextMode:
             raise ConfigError("give at least one non-empty phrase, e.g. 'swimming pool'")
         self.scenes: list[SceneInfo] = []
         self.tasks: list[TextTileTask] = []
+        self.results: list[TileResult] = []
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -208,11 +210,18 @@ class TextMode:
         """The phrases searched for."""
         return {"phrases": list(self.phrases)}
 
-    def assemble(self, results: list[TileResult], summary: RunSummary) -> gpd.GeoDataFrame:
-        """One row per object: duplicates across overlaps removed (:func:`duplicate_rows`)."""
-        return assemble_text(self.scenes, self.tasks, results)
+    def accept(self, result: TileResult) -> gpd.GeoDataFrame | None:
+        """Kept until the end: duplicates across tile overlaps (and scenes) are removed over
+        all detections at once (a few per tile, so this stays small)."""
+        if getattr(result, "objects", None):
+            self.results.append(result)
+        return None
 
-    def write_outputs(self, gdf: gpd.GeoDataFrame, overwrite: bool, summary: RunSummary) -> None:
+    def finish(self, summary: RunSummary) -> Iterator[gpd.GeoDataFrame]:
+        """One row per object: duplicates across overlaps removed (:func:`duplicate_rows`)."""
+        yield assemble_text(self.scenes, self.tasks, self.results)
+
+    def write_outputs(self, overwrite: bool, summary: RunSummary) -> None:
         """No outputs besides the vector layer."""
 
 

@@ -8,8 +8,9 @@
     work dir (resume: finished tiles are loaded, the rest run)
     runtime: Ray model actors (or in-process) run the tasks, results stream back
     failure policy: more failed tiles than ``max_failed_tiles`` -> RunError, no output
-    mode.assemble -> GeoDataFrame -> regularize (optional)
-    write (atomic) + the mode's extra outputs -> run summary
+    each result -> mode.accept -> polygons ready now -> regularize (optional) -> output stream
+    (mode.finish: what waited for neighbours); the output published atomically at the end
+    the mode's extra outputs -> run summary
 
 The summary is written from the results; the work dir's fingerprint is built from the
 settings and inputs, never read back from the summary.
@@ -20,20 +21,21 @@ from __future__ import annotations
 import glob
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 
 from sam_geo import __version__
-from sam_geo.errors import RasterError, RunError
+from sam_geo.errors import ConfigError, RasterError, RunError
 from sam_geo.geo.tiles import validate_tiling
 from sam_geo.geo.vectorize import geometry_area_m2, metres_to_crs_units
 from sam_geo.io.atomic import check_target
 from sam_geo.io.scenes import SceneInfo, open_scene
-from sam_geo.io.writers import check_output_path, write_vector
+from sam_geo.io.stream import VectorStream, check_stream_path, is_dataset_path
 from sam_geo.model.registry import ResolvedWeights, resolve_weights
 from sam_geo.model.sam_backend import precision_name, resolve_device
 from sam_geo.run.host import HostConfig, cpu_timed
@@ -62,18 +64,23 @@ class Mode(Protocol):
 
     ``name`` names the mode in summaries and work dirs; ``tile_settings`` the
     :class:`~sam_geo.settings.Settings` fields its tile results depend on; ``inputs``
-    the input files an output must never be written onto. :meth:`check` refuses
-    settings or models the mode cannot run, before any work; :meth:`check_outputs` /
-    :meth:`write_outputs` handle outputs besides the vector layer (a labels raster);
-    :meth:`plan` makes the tile tasks for the opened scenes; :meth:`fingerprint` adds
-    what tile results depend on besides settings, model and scenes (prompt digests,
-    phrases); :meth:`summary_settings` adds resolved settings to the summary (the zoom
-    chosen); :meth:`assemble` turns the results into the output layer, filling
-    ``summary``.
+    the input files an output must never be written onto; ``order_by`` the column a
+    returned frame is sorted by. :meth:`check` refuses settings or models the mode
+    cannot run, before any work; :meth:`check_outputs` / :meth:`write_outputs` handle
+    outputs besides the vector layer (a labels raster); :meth:`plan` makes the tile
+    tasks for the opened scenes; :meth:`fingerprint` adds what tile results depend on
+    besides settings, model and scenes (prompt digests, phrases);
+    :meth:`summary_settings` adds resolved settings to the summary (the zoom chosen).
+
+    Results stream through the mode: :meth:`accept` takes each tile result (failed ones
+    too) as it comes and returns the polygons it can already give (in the output CRS,
+    or None); :meth:`finish` gives the rest once every tile came back, filling
+    ``summary``. A mode keeps only what later tiles may still change (objects on seams).
     """
 
     name: str
     tile_settings: tuple[str, ...]
+    order_by: str | None
 
     @property
     def inputs(self) -> dict[str, Any]: ...
@@ -88,9 +95,19 @@ class Mode(Protocol):
 
     def summary_settings(self) -> dict[str, Any]: ...
 
-    def assemble(self, results: list[TileResult], summary: RunSummary) -> gpd.GeoDataFrame: ...
+    def accept(self, result: TileResult) -> gpd.GeoDataFrame | None: ...
 
-    def write_outputs(self, gdf: gpd.GeoDataFrame, overwrite: bool, summary: RunSummary) -> None: ...
+    def finish(self, summary: RunSummary) -> Iterator[gpd.GeoDataFrame]: ...
+
+    def write_outputs(self, overwrite: bool, summary: RunSummary) -> None: ...
+
+
+class RunOutput(NamedTuple):
+    """What a run with ``return_frame=False`` returns: the output written (a file or a
+    dataset folder; None without ``output``) and the run summary (a dict)."""
+
+    path: Path | None
+    summary: dict[str, Any]
 
 
 def run_pipeline(
@@ -100,17 +117,24 @@ def run_pipeline(
     *,
     output: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    partitioned: bool = False,
     summary_path: str | os.PathLike[str] | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     restart: bool = False,
     on_result: OnResult | None = None,
-) -> gpd.GeoDataFrame:
-    """Run ``mode`` over ``scenes`` (see the module docs); the output layer, with the run
-    summary in ``gdf.attrs["summary"]``. Outputs are checked before any work and written
-    atomically; nothing is written when the run fails."""
+    return_frame: bool = True,
+) -> gpd.GeoDataFrame | RunOutput:
+    """Run ``mode`` over ``scenes`` (see the module docs).
+
+    Returns the output layer with the run summary in ``gdf.attrs["summary"]``, or, with
+    ``return_frame=False``, a :class:`RunOutput` (the driver then keeps no polygons:
+    they go to ``output`` as tiles finish). Outputs are checked before any work and
+    published atomically; nothing is written when the run fails.
+    """
     started = time.perf_counter()
     paths = expand_scenes(scenes)
-    output_path = _check_outputs(mode, paths, output, overwrite, summary_path)
+    partitioned = output is not None and is_dataset_path(output, partitioned)  # "out/" loses its / in a Path
+    output_path = _check_outputs(mode, paths, output, overwrite, partitioned, summary_path)
     infos = [open_scene(p, bands=settings.bands, assume_crs=settings.assume_crs) for p in paths]
     validate_tiling(settings.tile_size_px, settings.overlap_px)
     mode.check(settings)
@@ -119,19 +143,93 @@ def run_pipeline(
     summary = _new_summary(mode, infos, settings, weights, len(tasks))
     store = _open_work_dir(work_dir, restart, mode, infos, settings, weights) if work_dir is not None else None
     config = host_config(settings, weights, infos[0], mode.name)
-    results = run_with_work_dir(tasks, config, settings, store, summary, on_result)
-    _raise_if_failed(results, len(tasks), settings.max_failed_tiles, summary, summary_path, started)
-    gdf = mode.assemble(results, summary)
-    if settings.regularize_m is not None and len(gdf):
-        gdf = regularize(gdf, settings.regularize_m, summary)
-    summary.features = len(gdf)
-    _write(gdf, output_path, overwrite, summary, mode)
+    sink = OutputSink(output_path, overwrite, partitioned, settings.regularize_m, summary, keep=return_frame)
+    with sink:
+        for result in run_with_work_dir(tasks, config, settings, store, summary, on_result):
+            sink.write(mode.accept(result))
+        _raise_if_failed(summary, settings.max_failed_tiles, summary_path, started)
+        for chunk in mode.finish(summary):
+            sink.write(chunk)
+    summary.output = None if output_path is None else str(sink.path)
+    _write_extra_outputs(mode, overwrite, summary)
+    summary.features = sink.rows
     summary.rates["cpu_ms_per_tile"] = cpu_ms_per_tile(summary)
     summary.seconds["total"] = time.perf_counter() - started
-    gdf.attrs["summary"] = summary.to_dict()
     if summary_path is not None:
         summary.write(summary_path)
+    if not return_frame:
+        return RunOutput(None if output_path is None else sink.path, summary.to_dict())
+    gdf = sink.frame(mode.order_by)
+    gdf.attrs["summary"] = summary.to_dict()
     return gdf
+
+
+class OutputSink:
+    """Where a run's polygons go as they come: regularized (when asked), written to the
+    output stream (when there is an output) and kept for the returned frame (``keep``).
+
+    Write seconds are CPU seconds of this thread; regularize counts are summed.
+    """
+
+    def __init__(
+        self, path: Path | None, overwrite: bool, partitioned: bool, regularize_m: float | None,
+        summary: RunSummary, *, keep: bool,
+    ) -> None:
+        self.stream = None if path is None else VectorStream(path, overwrite=overwrite, partitioned=partitioned)
+        self.regularize_m = regularize_m
+        self.summary = summary
+        self.kept: list[gpd.GeoDataFrame] | None = [] if keep else None
+        self.rows = 0
+        self.crs: Any = None
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.stream is None else self.stream.path
+
+    def __enter__(self) -> OutputSink:
+        if self.stream is not None:
+            self.stream.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.stream is not None:
+            seconds: dict[str, float] = {}
+            with cpu_timed(seconds, "write"):
+                self.stream.__exit__(*exc)
+            self.summary.add_seconds(seconds)
+
+    def write(self, chunk: gpd.GeoDataFrame | None) -> None:
+        if chunk is None:
+            return
+        if self.regularize_m is not None and len(chunk):
+            chunk = regularize(chunk, self.regularize_m, self.summary)
+        self.crs = chunk.crs
+        self.rows += len(chunk)
+        if self.kept is not None:
+            self.kept.append(chunk)
+        if self.stream is not None:
+            seconds: dict[str, float] = {}
+            with cpu_timed(seconds, "write"):
+                self.stream.write(chunk)
+            self.summary.add_seconds(seconds)
+
+    def frame(self, order_by: str | None) -> gpd.GeoDataFrame:
+        """The kept chunks as one frame, sorted by ``order_by`` when given."""
+        chunks = [c for c in self.kept or [] if len(c)] or (self.kept or [])[:1]
+        if not chunks:
+            return gpd.GeoDataFrame(geometry=gpd.GeoSeries([], crs=self.crs))
+        gdf = pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0].reset_index(drop=True)
+        gdf = gpd.GeoDataFrame(gdf, geometry=chunks[0].geometry.name, crs=chunks[0].crs)
+        if order_by is not None and order_by in gdf.columns:
+            gdf = gdf.sort_values(order_by, kind="stable").reset_index(drop=True)
+        return gdf
+
+
+def _write_extra_outputs(mode: Mode, overwrite: bool, summary: RunSummary) -> None:
+    seconds: dict[str, float] = {}
+    with cpu_timed(seconds, "write"):
+        mode.write_outputs(overwrite, summary)
+    summary.add_seconds(seconds)
 
 
 def expand_scenes(scenes: ScenesArg) -> list[str]:
@@ -166,13 +264,17 @@ def _read_scene_list(listing: Path) -> list[str]:
 
 
 def _check_outputs(
-    mode: Mode, scenes: list[str], output: Any, overwrite: bool, summary_path: Any
+    mode: Mode, scenes: list[str], output: Any, overwrite: bool, partitioned: bool, summary_path: Any
 ) -> Path | None:
     """Refuse bad or existing outputs before any work (nothing is written here)."""
     inputs = {label: path for label, path in mode.inputs.items() if path is not None}
     inputs.update({f"scene {k + 1}": s for k, s in enumerate(scenes)})
     inputs["the summary"] = summary_path
-    output_path = check_output_path(output, overwrite=overwrite, others=inputs) if output is not None else None
+    if output is None and partitioned:
+        raise ConfigError("partitioned=True needs an output folder (output='out/')")
+    output_path = None
+    if output is not None:
+        output_path = check_stream_path(output, overwrite=overwrite, partitioned=partitioned, others=inputs)
     if summary_path is not None:
         check_target(summary_path, what="summary file", overwrite=overwrite)
     mode.check_outputs(overwrite)
@@ -249,38 +351,46 @@ def run_with_work_dir(
     store: WorkDir | None,
     summary: RunSummary,
     on_result: OnResult | None = None,
-) -> list[TileResult]:
-    """Run the tasks not already finished in ``store``; save each success there first.
+) -> Iterator[TileResult]:
+    """Yield each tile's result: first those already finished in ``store`` (loaded one
+    at a time), then the rest as they are run, each saved in ``store`` before it is
+    yielded. Results come in no particular order; none is kept here.
 
-    Fills ``summary.tiles`` (processed, resumed, failed, skipped_nodata), the failures
-    and the stage seconds; calls ``on_result`` with each new result once stored.
-    Results come back in no particular order.
+    Fills ``summary.tiles`` (processed, resumed, failed, skipped_nodata), the failures,
+    the stage seconds, ``workers`` and ``rates``; calls ``on_result`` with each new
+    result once stored.
     """
-    results: list[TileResult] = []
     todo = tasks
     if store is not None:
         done = [t for t in tasks if store.done(t.key)]
-        results += [store.load(t.key) for t in done]
-        summary.tiles.resumed = len(done)
         todo = [t for t in tasks if not store.done(t.key)]
+        for task in done:
+            result = store.load(task.key)
+            summary.tiles.resumed += 1
+            summary.tiles.skipped_nodata += result.skipped_nodata
+            yield result
     timer = RunTimer()
     started = time.perf_counter()
     for result in run_tiles(todo, config, settings, timer):
         if result.error is None and store is not None:
             store.save(result.tile_key, result)
-        results.append(result)
-        summary.add_seconds(result.seconds)
-        summary.tiles.processed += int(result.encoded)
+        _count(result, summary)
         if on_result is not None:
             on_result(result)
+        yield result
     summary.add_seconds(timer.seconds)
     summary.workers = timer.workers
     summary.rates = _rates(summary, len(todo), time.perf_counter() - started - timer.seconds.get("startup", 0.0))
-    summary.tiles.skipped_nodata = sum(r.skipped_nodata for r in results)
-    failed = [r for r in results if r.error]
-    summary.tiles.failed = len(failed)
-    summary.failures = [{"tile": r.tile_key, "error": r.error, "attempts": r.attempts} for r in failed]
-    return results
+
+
+def _count(result: TileResult, summary: RunSummary) -> None:
+    """A new tile result's seconds and counts added to ``summary``."""
+    summary.add_seconds(result.seconds)
+    summary.tiles.processed += int(result.encoded)
+    summary.tiles.skipped_nodata += result.skipped_nodata
+    if result.error:
+        summary.tiles.failed += 1
+        summary.failures.append({"tile": result.tile_key, "error": result.error, "attempts": result.attempts})
 
 
 CPU_STAGES = ("read", "vectorize", "stitch", "regularize", "write")
@@ -304,16 +414,11 @@ def cpu_ms_per_tile(summary: RunSummary) -> float:
 
 
 def _raise_if_failed(
-    results: list[TileResult],
-    planned: int,
-    allowed: int,
-    summary: RunSummary,
-    summary_path: str | os.PathLike[str] | None,
-    started: float,
+    summary: RunSummary, allowed: int, summary_path: str | os.PathLike[str] | None, started: float
 ) -> None:
     """The one failure policy: more failed tiles than allowed -> no output, the summary
     written (when asked for) and :class:`RunError` naming the first failure."""
-    failed = [r for r in results if r.error]
+    failed = summary.failures
     if len(failed) <= allowed:
         return
     summary.seconds["total"] = time.perf_counter() - started
@@ -321,9 +426,9 @@ def _raise_if_failed(
         summary.write(summary_path)
     first = failed[0]
     raise RunError(
-        f"{len(failed)} of {planned} tiles failed (allowed: {allowed}), so no output was written; first: "
-        f"tile {first.tile_key}: {first.error}. Finished tiles are kept in the work dir if one was given; "
-        "fix the input or raise --max-failed-tiles."
+        f"{len(failed)} of {summary.tiles.planned} tiles failed (allowed: {allowed}), so no output was written; "
+        f"first: tile {first['tile']}: {first['error']}. Finished tiles are kept in the work dir if one was "
+        "given; fix the input or raise --max-failed-tiles."
     )
 
 
@@ -335,19 +440,11 @@ def regularize(gdf: gpd.GeoDataFrame, tolerance_m: float, summary: RunSummary) -
     with cpu_timed(seconds, "regularize"):
         out = regularize_buildings(gdf, tolerance_m=tolerance_m)
         out["area_m2"] = geometry_area_m2(out.geometry, out.crs)
-    summary.regularize = {k: v for k, v in out.attrs.get("regularize", {}).items() if not k.endswith("_index")}
+    for key, value in out.attrs.get("regularize", {}).items():
+        if not key.endswith("_index") and isinstance(value, (int, float)):
+            summary.regularize[key] = summary.regularize.get(key, 0) + value
     summary.add_seconds(seconds)
     return out
-
-
-def _write(gdf: gpd.GeoDataFrame, path: Path | None, overwrite: bool, summary: RunSummary, mode: Mode) -> None:
-    seconds: dict[str, float] = {}
-    with cpu_timed(seconds, "write"):
-        if path is not None:
-            write_vector(gdf, path, overwrite=overwrite)
-            summary.output = str(path)
-        mode.write_outputs(gdf, overwrite, summary)
-    summary.add_seconds(seconds)
 
 
 def reproject_geometries(geoms: np.ndarray, crss: Sequence[Any], dst: Any) -> np.ndarray:

@@ -196,7 +196,9 @@ def ensure_ray(address: str | None) -> None:
     An embedded Ray is for this run alone: it runs with Ray's token authentication and
     a token made for this process (:func:`private_ray_token`), so a client that
     connects to its ports without that token cannot run anything in it. A cluster
-    joined with ``address`` uses its own authentication settings (see README).
+    joined with ``address`` uses its own authentication settings (see README). Without
+    ``address`` a new local Ray is started even when a ``ray start`` cluster runs on this
+    machine (``ray.init()`` alone would join it): joining is asked for with ``--address``.
     """
     if not address:
         private_ray_token()  # before Ray reads its configuration
@@ -212,7 +214,7 @@ def ensure_ray(address: str | None) -> None:
     if address:
         join_cluster(address, kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
 
 
 def join_cluster(address: str, kwargs: dict[str, Any]) -> None:

@@ -43,6 +43,9 @@ class PromptCounts:
     """Prompt counts; the ``*_ids`` lists hold the ids (id column, else prompt_index)."""
 
     total: int = 0
+    """Prompts read: a file layer is read only near the scenes (see ``layer_features``)."""
+    layer_features: int | None = None
+    """Features in the whole prompt layer, where its format says so cheaply."""
     used: int = 0
     outside: int = 0
     on_nodata: int = 0
