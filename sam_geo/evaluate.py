@@ -54,6 +54,7 @@ import pyproj
 import shapely
 
 from sam_geo.errors import ConfigError, CRSError, PromptError
+from sam_geo.io.layers import is_parquet
 from sam_geo.io.prompts import read_prompt_layer
 
 __all__ = [
@@ -367,7 +368,7 @@ def read_layer(source: LayerSource, *, role: str = "vector") -> gpd.GeoDataFrame
 def _empty_layer(path: Path) -> gpd.GeoDataFrame | None:
     """The layer at ``path`` if it reads fine with zero features, else ``None``."""
     try:
-        if path.suffix.lower() in {".parquet", ".geoparquet"}:
+        if is_parquet(path):
             frame = gpd.read_parquet(path)
         else:
             frame = gpd.read_file(path, engine="pyogrio")

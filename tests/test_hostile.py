@@ -816,6 +816,18 @@ def test_cli_writes_a_partitioned_dataset_and_refuses_to_reuse_it(base, out_dir,
     code, err = run_segment(capsys, base.scene, "--prompts", base.prompts, "-o", target, "--overwrite")
     assert_ok(code, err)
     assert len(list(target.glob("part-*.parquet"))) == 1 and len(gpd.read_parquet(target)) == 4
+    import dask_geopandas
+
+    lazy = dask_geopandas.read_parquet(target)
+    assert lazy.crs == gpd.read_parquet(target).crs and len(lazy.compute()) == 4
+    capsys.readouterr()
+    assert main(["evaluate", str(target), str(base.prompts), "--json"]) == EXIT_OK  # a folder is a layer too
+    folder_scores = json.loads(capsys.readouterr().out)
+    single = out_dir.parent / "single.parquet"
+    gpd.read_parquet(target).to_parquet(single)
+    assert main(["evaluate", str(single), str(base.prompts), "--json"]) == EXIT_OK
+    file_scores = json.loads(capsys.readouterr().out)
+    assert folder_scores["f1"] == file_scores["f1"] > 0.5 and folder_scores["tp"] == 4
 
 
 def test_geojson_output_is_rfc7946(base, out_dir, capsys) -> None:

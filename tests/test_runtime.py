@@ -169,7 +169,7 @@ def test_a_tile_that_keeps_failing_is_recorded_and_the_rest_finishes(scene: Path
 
 
 def test_several_scenes_merge_into_one_output_with_a_scene_column(scene: Path, tmp_path: Path) -> None:
-    other = write_crop(Window(2100, 2000, 400, 300), tmp_path / "other.tif")
+    other = write_crop(Window(2150, 2000, 400, 300), tmp_path / "other.tif")  # apart: touching would be a mosaic
     listing = tmp_path / "scenes.txt"
     listing.write_text(f"# two scenes\n{scene}\n{other}\n")
     assert expand_scenes([f"@{listing}"]) == [str(scene), str(other)]

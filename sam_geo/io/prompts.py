@@ -41,7 +41,7 @@ from sam_geo.errors import CRSError, PromptError
 from sam_geo.settings import PROMPT_AS as PROMPT_MODES
 from sam_geo.settings import PromptAs as PromptMode
 from sam_geo.geo.tiles import PixelBox, Tile, TileGrid
-from sam_geo.io.layers import Area, LayerInfo, read_layer_near
+from sam_geo.io.layers import Area, LayerInfo, is_parquet, read_layer_near
 from sam_geo.io.prompt_batch import PromptBatch  # re-exported: it lives in its own light module
 
 
@@ -174,7 +174,7 @@ def _read_vector_file(path: Path, layer: str | None) -> gpd.GeoDataFrame:
     if not path.exists():
         raise PromptError(f"prompt layer {path} does not exist")
     try:
-        if path.suffix.lower() in {".parquet", ".geoparquet"}:
+        if is_parquet(path):  # a file, or a folder of parts (a partitioned dataset)
             return gpd.read_parquet(path)
         return gpd.read_file(path, layer=layer, engine="pyogrio")
     except Exception as exc:  # pyogrio/GDAL/arrow raise many types for unreadable files

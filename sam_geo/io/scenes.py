@@ -101,6 +101,8 @@ class SceneInfo:
         bands: The three 1-based band indexes fed to the model as R, G, B.
         has_mask: True if GDAL reports a nodata value, internal mask or alpha band.
             NaN in float data is treated as nodata whatever this says.
+        sources: For a mosaic (a VRT sam-geo made of adjacent files, see
+            :mod:`sam_geo.io.mosaic`), the files it joins; empty otherwise.
     """
 
     path: str
@@ -113,6 +115,7 @@ class SceneInfo:
     nodata: float | None
     bands: tuple[int, ...]
     has_mask: bool
+    sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.crs is None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import glob
 import os
 import time
+from contextlib import ExitStack
+from tempfile import TemporaryDirectory
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -34,6 +36,7 @@ from sam_geo.errors import ConfigError, RasterError, RunError
 from sam_geo.geo.tiles import validate_tiling
 from sam_geo.geo.vectorize import geometry_area_m2, metres_to_crs_units
 from sam_geo.io.atomic import check_target
+from sam_geo.io.mosaic import join_mosaics
 from sam_geo.io.scenes import SceneInfo, open_scene
 from sam_geo.io.stream import VectorStream, check_stream_path, is_dataset_path
 from sam_geo.model.registry import ResolvedWeights, resolve_weights
@@ -43,7 +46,7 @@ from sam_geo.run.standin import standin_ms
 from sam_geo.run.runtime import RunTimer, run_tiles
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import TileResult, TileTask
-from sam_geo.run.workdir import WorkDir, fingerprint_file
+from sam_geo.run.workdir import MOSAICS, WorkDir, fingerprint_file
 from sam_geo.settings import Settings
 
 ScenesArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -135,33 +138,35 @@ def run_pipeline(
     paths = expand_scenes(scenes)
     partitioned = output is not None and is_dataset_path(output, partitioned)  # "out/" loses its / in a Path
     output_path = _check_outputs(mode, paths, output, overwrite, partitioned, summary_path)
-    infos = [open_scene(p, bands=settings.bands, assume_crs=settings.assume_crs) for p in paths]
-    validate_tiling(settings.tile_size_px, settings.overlap_px)
-    mode.check(settings)
-    weights = resolve_weights(settings.model, settings.weights)
-    tasks = mode.plan(infos, settings)
-    summary = _new_summary(mode, infos, settings, weights, len(tasks))
-    store = _open_work_dir(work_dir, restart, mode, infos, settings, weights) if work_dir is not None else None
-    config = host_config(settings, weights, infos[0], mode.name)
-    sink = OutputSink(output_path, overwrite, partitioned, settings.regularize_m, summary, keep=return_frame)
-    with sink:
-        for result in run_with_work_dir(tasks, config, settings, store, summary, on_result):
-            sink.write(mode.accept(result))
-        _raise_if_failed(summary, settings.max_failed_tiles, summary_path, started)
-        for chunk in mode.finish(summary):
-            sink.write(chunk)
-    summary.output = None if output_path is None else str(sink.path)
-    _write_extra_outputs(mode, overwrite, summary)
-    summary.features = sink.rows
-    summary.rates["cpu_ms_per_tile"] = cpu_ms_per_tile(summary)
-    summary.seconds["total"] = time.perf_counter() - started
-    if summary_path is not None:
-        summary.write(summary_path)
-    if not return_frame:
-        return RunOutput(None if output_path is None else sink.path, summary.to_dict())
-    gdf = sink.frame(mode.order_by)
-    gdf.attrs["summary"] = summary.to_dict()
-    return gdf
+    with ExitStack() as stack:  # a temporary folder for mosaics, removed once every tile is back
+        infos = [open_scene(p, bands=settings.bands, assume_crs=settings.assume_crs) for p in paths]
+        infos = join_mosaics(infos, _mosaic_dir(work_dir, stack), bands=settings.bands, assume_crs=settings.assume_crs)
+        validate_tiling(settings.tile_size_px, settings.overlap_px)
+        mode.check(settings)
+        weights = resolve_weights(settings.model, settings.weights)
+        tasks = mode.plan(infos, settings)
+        summary = _new_summary(mode, infos, settings, weights, len(tasks))
+        store = _open_work_dir(work_dir, restart, mode, infos, settings, weights) if work_dir is not None else None
+        config = host_config(settings, weights, infos[0], mode.name)
+        sink = OutputSink(output_path, overwrite, partitioned, settings.regularize_m, summary, keep=return_frame)
+        with sink:
+            for result in run_with_work_dir(tasks, config, settings, store, summary, on_result):
+                sink.write(mode.accept(result))
+            _raise_if_failed(summary, settings.max_failed_tiles, summary_path, started)
+            for chunk in mode.finish(summary):
+                sink.write(chunk)
+        summary.output = None if output_path is None else str(sink.path)
+        _write_extra_outputs(mode, overwrite, summary)
+        summary.features = sink.rows
+        summary.rates["cpu_ms_per_tile"] = cpu_ms_per_tile(summary)
+        summary.seconds["total"] = time.perf_counter() - started
+        if summary_path is not None:
+            summary.write(summary_path)
+        if not return_frame:
+            return RunOutput(None if output_path is None else sink.path, summary.to_dict())
+        gdf = sink.frame(mode.order_by)
+        gdf.attrs["summary"] = summary.to_dict()
+        return gdf
 
 
 class OutputSink:
@@ -223,6 +228,14 @@ class OutputSink:
         if order_by is not None and order_by in gdf.columns:
             gdf = gdf.sort_values(order_by, kind="stable").reset_index(drop=True)
         return gdf
+
+
+def _mosaic_dir(work_dir: str | os.PathLike[str] | None, stack: ExitStack) -> Path:
+    """Where mosaic VRTs go: the work dir (a resumed run finds the same file), else a
+    temporary folder that lives as long as ``stack``."""
+    if work_dir is not None:
+        return Path(work_dir) / MOSAICS
+    return Path(stack.enter_context(TemporaryDirectory(prefix="sam-geo-mosaic-")))
 
 
 def _write_extra_outputs(mode: Mode, overwrite: bool, summary: RunSummary) -> None:
@@ -317,6 +330,7 @@ def _new_summary(
         summary.model["standin_ms"] = standin_ms()  # masks from the stand-in, not the model
     summary.settings = {**settings.model_dump(mode="json"), **mode.summary_settings()}
     summary.tiles.planned = planned
+    summary.mosaics = {info.path: list(info.sources) for info in infos if info.sources}
     return summary
 
 
@@ -336,7 +350,7 @@ def _open_work_dir(
         "model": settings.model,
         "weights_sha256": weights.sha256,
         "settings": tile_settings,
-        "scenes": [fingerprint_file(info.path) for info in infos],
+        "scenes": [[fingerprint_file(path) for path in info.sources or (info.path,)] for info in infos],
         **mode.fingerprint(),
     }
     if standin_ms() is not None:  # a measuring run's stand-in masks must never resume into a real run

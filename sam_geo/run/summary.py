@@ -80,6 +80,8 @@ class RunSummary:
     ``device``, ``tiles``, ``encoder_calls`` (fewer than tiles when the encoder ran
     batches of tiles), ``model_seconds`` (in model calls), ``wall_seconds`` (since its
     first tile) and ``model_busy_share`` (their ratio)."""
+    mosaics: dict[str, list[str]] = field(default_factory=dict)
+    """Scenes that are mosaics sam-geo joined (:mod:`sam_geo.io.mosaic`): VRT -> its files."""
     rates: dict[str, float] = field(default_factory=dict)
     """``tiles_per_s`` (tiles run over the runtime's wall seconds, start-up excluded) and
     ``cpu_ms_per_tile`` (CPU milliseconds outside the model per tile encoded: read and

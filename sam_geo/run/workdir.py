@@ -50,6 +50,11 @@ def digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+MOSAICS = "mosaics"
+"""Sub-folder of a work dir holding the VRTs of mosaics (:mod:`sam_geo.io.mosaic`); written
+before the work dir is opened, since the scenes are."""
+
+
 class WorkDir:
     """A run's work directory (see module docs). ``None`` path: nothing is kept."""
 
@@ -64,7 +69,7 @@ class WorkDir:
         if manifest.exists():
             self._check(manifest, fingerprint)
         else:
-            if self.path.exists() and any(self.path.iterdir()):
+            if self.path.exists() and any(p.name != MOSAICS for p in self.path.iterdir()):
                 raise ConfigError(
                     f"work dir {self.path} exists, is not empty and has no {MANIFEST}; "
                     "give an empty or new directory"
