@@ -99,13 +99,22 @@ def test_a_failed_run_leaves_nothing_and_the_old_file_intact(tmp_path: Path) -> 
 
 def test_dataset_parts_appear_as_written_and_a_failure_removes_them(tmp_path: Path) -> None:
     folder = tmp_path / "parts"
-    with pytest.raises(RuntimeError), VectorStream(folder, partitioned=True) as stream:
+    with pytest.raises(RuntimeError), VectorStream(folder, partitioned=True, part_rows=2) as stream:
         stream.write(chunk(0, 2))
         stream.write(chunk(2, 2))
         assert len(list(folder.glob("part-*.parquet"))) == 2  # published as they come
         assert len(gpd.read_parquet(folder)) == 4
         raise RuntimeError("the run failed")
     assert not folder.exists()
+
+
+def test_small_batches_are_gathered_into_parts(tmp_path: Path) -> None:
+    with VectorStream(tmp_path / "d", partitioned=True, part_rows=10) as stream:
+        for k in range(7):
+            stream.write(chunk(3 * k, 3))  # 21 rows: parts of 12, 9 (written when >= 10 rows wait)
+    parts = sorted((tmp_path / "d").glob("part-*.parquet"))
+    assert [len(gpd.read_parquet(p)) for p in parts] == [12, 9]
+    assert written(tmp_path / "d").fid_in.tolist() == list(range(21))
 
 
 def test_dataset_rows_are_in_hilbert_order_within_a_part(tmp_path: Path) -> None:
@@ -125,7 +134,7 @@ def test_overwriting_a_dataset_drops_its_old_parts_only_after_success(tmp_path: 
     with VectorStream(folder, partitioned=True) as stream:
         stream.write(chunk(0, 5))
     check_stream_path(folder, overwrite=True)
-    with VectorStream(folder, overwrite=True, partitioned=True) as stream:
+    with VectorStream(folder, overwrite=True, partitioned=True, part_rows=1) as stream:
         stream.write(chunk(100, 2))
         assert len(gpd.read_parquet(folder)) == 7  # old parts still there while the run goes on
     assert written(folder).fid_in.tolist() == [100, 101]
@@ -152,3 +161,6 @@ def test_dataset_paths_are_checked_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="does not exist"):
         check_stream_path(str(tmp_path / "no" / "such") + "/", overwrite=False)
     assert check_stream_path(str(tmp_path / "fresh") + "/", overwrite=False) == tmp_path / "fresh"
+    layer = busy / "prompts.parquet"
+    with pytest.raises(OutputError, match="holds the prompt layer"):
+        check_stream_path(busy, overwrite=True, others={"the prompt layer": layer})

@@ -11,12 +11,12 @@ GeoJSON rules); what differs is when data reaches the disk:
   a MultiPolygon. GeoJSON is one FeatureCollection whose features GDAL writes chunk by
   chunk (:func:`~sam_geo.io.writers.geojson_features`) and this module appends to the
   open file: GDAL's own GeoJSON append rereads the whole file each time.
-* **GeoParquet file** (``.parquet``): each chunk becomes a part in a hidden folder next
-  to the target; at the end the parts are copied, batch by batch, into one file (one
+* **GeoParquet file** (``.parquet``): chunks are gathered into parts of
+  :data:`PART_ROWS` rows in a hidden folder next to the target; at the end the parts are copied, batch by batch, into one file (one
   row group per part, GeoParquet 1.1 with a ``bbox`` covering column) and published.
-* **GeoParquet dataset** (a folder: ``out/``, or ``partitioned=True``): each chunk is a
-  part ``part-<run>-<n>.parquet`` published atomically into the folder as soon as it is
-  written, rows in Hilbert order, GeoParquet 1.1 with the ``bbox`` covering column. It
+* **GeoParquet dataset** (a folder: ``out/``, or ``partitioned=True``): chunks are
+  gathered into parts of :data:`PART_ROWS` rows, ``part-<run>-<n>.parquet``, each
+  published atomically into the folder as soon as it is written (the last one at the end), rows in Hilbert order, GeoParquet 1.1 with the ``bbox`` covering column. It
   opens with ``geopandas.read_parquet(folder)`` and ``dask_geopandas.read_parquet``.
   With ``overwrite``, parts of an earlier dataset in the folder are deleted only once
   the new run succeeded; a failed run deletes its own parts.
@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 
 import geopandas
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -54,6 +55,10 @@ __all__ = ["PART_GLOB", "VectorStream", "check_stream_path", "is_dataset_path"]
 
 PART_GLOB = "part-*.parquet"
 """Names of the parts of a GeoParquet dataset written by sam-geo."""
+
+PART_ROWS = 100_000
+"""Rows gathered before a GeoParquet part is written: parts of useful size (a few MiB)
+whatever the batches are (a prompted tile gives a few dozen rows)."""
 
 _ADVICE = "the data could not be stored in this format; write another one (.gpkg, .parquet or a folder)"
 
@@ -76,6 +81,12 @@ def check_stream_path(
     if not is_dataset_path(path, partitioned):
         return check_output_path(path, overwrite=overwrite, others=others)
     folder = Path(os.fspath(path).rstrip("/" + os.sep) or "/").expanduser()
+    for what, other in (others or {}).items():
+        if isinstance(other, (str, os.PathLike)) and "://" not in os.fspath(other) and _inside(Path(other), folder):
+            raise OutputError(
+                f"output folder {str(folder)!r} holds {what} ({other}); writing it would replace that file. "
+                "Choose another output folder"
+            )
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{str(folder)!r} is a file; a partitioned output is a folder. Choose another path")
     if not folder.exists():
@@ -92,6 +103,12 @@ def check_stream_path(
     return folder
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """True if ``path`` is ``folder`` or lies in it."""
+    target, base = os.path.abspath(path.expanduser()), os.path.abspath(folder)
+    return target == base or target.startswith(base + os.sep)
+
+
 class VectorStream:
     """An output layer written chunk by chunk and published when the run succeeds.
 
@@ -102,7 +119,10 @@ class VectorStream:
     :func:`check_stream_path`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False, partitioned: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, partitioned: bool = False,
+        part_rows: int = PART_ROWS,
+    ) -> None:
         self.dataset = is_dataset_path(path, partitioned)
         self.path = Path(os.fspath(path).rstrip("/" + os.sep) if self.dataset else path).expanduser()
         self.overwrite = overwrite
@@ -113,10 +133,14 @@ class VectorStream:
         self._stack = ExitStack()
         self._tmp: Path | None = None
         self._handle: Any = None
+        self._created = False
         self._run = secrets.token_hex(4)
+        self.part_rows = part_rows
+        self._pending: list[geopandas.GeoDataFrame] = []
 
     def __enter__(self) -> VectorStream:
         if self.dataset:
+            self._created = not self.path.exists()
             self.path.mkdir(exist_ok=True)
         elif self.format == "GeoParquet":
             self._tmp = self.path.parent / f".{self.path.name}.{self._run}.parts"
@@ -137,7 +161,9 @@ class VectorStream:
             return
         try:
             if self.format == "GeoParquet":
-                self._write_part(gdf)
+                self._pending.append(gdf)
+                if sum(map(len, self._pending)) >= self.part_rows:
+                    self._write_part()
             elif self.format == "GPKG":
                 gpkg_chunk(gdf, self._tmp, self.path.stem, append=self.rows > 0)
             else:
@@ -150,8 +176,11 @@ class VectorStream:
         self.rows += len(gdf)
         self._template = gdf.iloc[:0]
 
-    def _write_part(self, gdf: geopandas.GeoDataFrame) -> None:
-        """One part, rows in Hilbert order, with the bbox covering column."""
+    def _write_part(self) -> None:
+        """The pending batches as one part, rows in Hilbert order, with the bbox covering column."""
+        gdf = pd.concat(self._pending, ignore_index=True) if len(self._pending) > 1 else self._pending[0]
+        gdf = geopandas.GeoDataFrame(gdf, geometry=self._pending[0].geometry.name, crs=self._pending[0].crs)
+        self._pending = []
         if len(gdf) > 1:
             gdf = gdf.iloc[gdf.geometry.hilbert_distance().argsort(kind="stable")]
         folder = self.path if self.dataset else self._tmp
@@ -171,6 +200,8 @@ class VectorStream:
             raise
 
     def _publish(self) -> None:
+        if self._pending:
+            self._write_part()
         if self.format == "GeoJSON":
             self._handle.write(b"\n]}\n")
         elif self.rows == 0 and self.format == "GPKG":  # nothing appended: an empty layer
@@ -214,7 +245,7 @@ class VectorStream:
         if self.dataset:
             for part in self.parts:
                 part.unlink(missing_ok=True)
-            if not any(self.path.iterdir()):
+            if self._created and not any(self.path.iterdir()):
                 self.path.rmdir()
         elif self._tmp is not None and self.format == "GeoParquet":
             shutil.rmtree(self._tmp, ignore_errors=True)
