@@ -3,6 +3,7 @@ crossing file borders come out whole, as from the single file."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import geopandas as gpd
@@ -15,7 +16,9 @@ from rasterio.windows import Window
 
 from conftest import make_raster
 from sam_geo import segment, segment_auto
+from sam_geo.errors import RasterError
 from sam_geo.io.mosaic import join_mosaics, mosaic_groups
+from sam_geo.run.pipeline import expand_scenes
 from sam_geo.io.scenes import open_scene
 from test_auto import E2E_PARAMS, E2E_SHAPES, NORTH_UP, paint_scene, to_crs
 
@@ -102,3 +105,46 @@ def test_prompted_objects_across_file_borders_are_whole(scenes) -> None:
     mosaic = segment(parts, boxes, workers=0, progress=False)
     assert mosaic.name.tolist() == alone.name.tolist() == list("abcd") and "scene" not in mosaic.columns
     assert all(a.equals(b) for a, b in zip(mosaic.geometry, alone.geometry))
+
+
+def stac_collection(parts: list[Path], target: Path) -> Path:
+    """An ItemCollection (pystac) of the parts, hrefs relative to the JSON file."""
+    import pystac
+    from datetime import datetime, timezone
+
+    items = []
+    for part in parts:
+        with rasterio.open(part) as src:
+            footprint = gpd.GeoSeries([shapely.box(*src.bounds)], crs=src.crs).to_crs(4326).iloc[0]
+        item = pystac.Item(part.stem, shapely.geometry.mapping(footprint), list(footprint.bounds),
+                           datetime(2026, 1, 1, tzinfo=timezone.utc), {})
+        item.add_asset("thumbnail", pystac.Asset("thumb.png", media_type="image/png", roles=["thumbnail"]))
+        item.add_asset("image", pystac.Asset(part.name, media_type=pystac.MediaType.COG, roles=["data"]))
+        items.append(item)
+    target.write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    return target
+
+
+def test_a_stac_item_collection_is_a_mosaic(scenes) -> None:
+    single, parts = scenes
+    collection = stac_collection(parts, parts[0].parent / "items.json")
+    assert expand_scenes(str(collection)) == [str(p) for p in parts]  # the data assets, not the thumbnails
+    boxes = gpd.GeoDataFrame({"name": list("abcd")}, geometry=[to_crs(shapely.box(*s.bounds), NORTH_UP)
+                                                                  for s in E2E_SHAPES[:4]])
+    with rasterio.open(single) as src:
+        boxes = boxes.set_crs(src.crs)
+    alone = segment(single, boxes, workers=0, progress=False)
+    mosaic = segment(str(collection), boxes, workers=0, progress=False)
+    assert all(a.equals(b) for a, b in zip(mosaic.geometry, alone.geometry))
+
+
+def test_json_that_is_not_stac_is_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.json"
+    plain.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+                     '"geometry": {"type": "Point", "coordinates": [1, 2]}}]}')  # GeoJSON, not STAC
+    with pytest.raises(RasterError, match="STAC"):
+        expand_scenes(str(plain))
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    with pytest.raises(RasterError, match="not a STAC"):
+        expand_scenes(str(other))

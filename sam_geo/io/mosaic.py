@@ -19,7 +19,9 @@ the scenes, must be on storage every node reads.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -27,10 +29,11 @@ from xml.sax.saxutils import escape
 import shapely
 from affine import Affine
 
+from sam_geo.errors import RasterError
 from sam_geo.io.atomic import write_bytes_atomic
 from sam_geo.io.scenes import SceneInfo, open_scene
 
-__all__ = ["GRID_TOLERANCE", "join_mosaics", "mosaic_groups", "vrt_document"]
+__all__ = ["GRID_TOLERANCE", "join_mosaics", "mosaic_groups", "stac_scene_paths", "vrt_document"]
 
 GRID_TOLERANCE = 0.01
 """Largest misalignment, in pixels, of two files' origins on one grid."""
@@ -138,3 +141,44 @@ def _source(info: SceneInfo, band: str, col: int, row: int) -> str:
         f"<SourceBand>{band}</SourceBand><SrcRect {rect}/><DstRect {dst}/></SimpleSource>"
     )
 
+
+
+STAC_IMAGE_TYPES = ("image/tiff", "image/vnd.stac.geotiff", "image/jp2")
+"""Media types of STAC assets taken as scenes."""
+
+
+def stac_scene_paths(path: Path) -> list[str]:
+    """The image of each item of a STAC Item or ItemCollection file (read with pystac):
+    the asset ``visual`` when there is one, else the first GeoTIFF (or JPEG 2000) asset
+    with the role ``data`` or no role. Relative hrefs are taken from the file's folder.
+
+    Raises :class:`RasterError` for JSON that is not STAC, or an item without an image.
+    """
+    import pystac
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        kind = data.get("type")
+        items = (list(pystac.ItemCollection.from_dict(data).items) if kind == "FeatureCollection"
+                 else [pystac.Item.from_dict(data)] if kind == "Feature" and "stac_version" in data else None)
+    except (OSError, ValueError, KeyError, pystac.STACError, pystac.STACTypeError) as exc:
+        raise RasterError(f"cannot read {path} as a STAC Item or ItemCollection: {exc}") from exc
+    if items is None:
+        raise RasterError(f"{path} is JSON but not a STAC Item or ItemCollection; give the scenes' paths")
+    return [_item_image(item, path) for item in items]
+
+
+def _item_image(item: object, path: Path) -> str:
+    assets = item.assets  # type: ignore[attr-defined]
+    chosen = assets.get("visual") or next(
+        (a for a in assets.values()
+         if (a.media_type or "").startswith(STAC_IMAGE_TYPES) and (not a.roles or "data" in a.roles)), None)
+    if chosen is None:
+        raise RasterError(
+            f"STAC item {item.id!r} of {path} has no GeoTIFF asset (keys: {', '.join(assets)}); "  # type: ignore[attr-defined]
+            "give the image paths instead"
+        )
+    href = chosen.href
+    if "://" in href or href.startswith("/"):
+        return href
+    return os.path.normpath(os.path.join(path.parent, href))

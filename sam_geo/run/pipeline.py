@@ -36,7 +36,7 @@ from sam_geo.errors import ConfigError, RasterError, RunError
 from sam_geo.geo.tiles import validate_tiling
 from sam_geo.geo.vectorize import geometry_area_m2, metres_to_crs_units
 from sam_geo.io.atomic import check_target
-from sam_geo.io.mosaic import join_mosaics
+from sam_geo.io.mosaic import join_mosaics, stac_scene_paths
 from sam_geo.io.scenes import SceneInfo, open_scene
 from sam_geo.io.stream import VectorStream, check_stream_path, is_dataset_path
 from sam_geo.model.registry import ResolvedWeights, resolve_weights
@@ -249,7 +249,8 @@ def expand_scenes(scenes: ScenesArg) -> list[str]:
     """Scene arguments -> paths: globs expanded (sorted), ``@file`` lists read, order kept.
 
     A text file of paths (one per line, ``#`` comments) is given as ``@list.txt`` or by
-    a ``.txt`` suffix; URLs and ``/vsi`` paths pass unchanged. Duplicates are dropped.
+    a ``.txt`` suffix; a ``.json`` file is a STAC Item or ItemCollection (its images,
+    :func:`~sam_geo.io.mosaic.stac_scene_paths`); URLs and ``/vsi`` paths pass unchanged. Duplicates are dropped.
     Raises :class:`RasterError` for a glob that matches nothing or an empty list.
     """
     items = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
@@ -257,6 +258,8 @@ def expand_scenes(scenes: ScenesArg) -> list[str]:
     for item in map(str, items):
         if item.startswith("@") or item.endswith(".txt"):
             paths += _read_scene_list(Path(item.lstrip("@")))
+        elif item.lower().endswith(".json") and "://" not in item:
+            paths += stac_scene_paths(Path(item))
         elif glob.has_magic(item) and "://" not in item:
             matched = sorted(glob.glob(item))
             if not matched:
