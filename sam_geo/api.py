@@ -10,8 +10,11 @@ its fields as keyword arguments (``tile_size_px=512``, ``workers=0``; keywords w
 runs the one pipeline of :mod:`sam_geo.run.pipeline` with its mode. Common arguments:
 
 ``scenes``: a path or URL rasterio opens, a glob (``"tiles/*.tif"``), ``@list.txt`` (one
-path per line) or a list of those. Several scenes give one layer in the first scene's
-CRS (reprojected explicitly) with a ``scene`` column.
+path per line), a STAC Item or ItemCollection ``.json``, or a list of those. Adjacent
+files of one pixel grid are joined into one mosaic (:mod:`sam_geo.io.mosaic`), so objects
+crossing file borders come out whole; other scenes give one layer in the first scene's
+CRS (reprojected explicitly) with a ``scene`` column. A prompt layer file is read only
+near the scenes (:mod:`sam_geo.io.layers`).
 
 ``output`` (``.geojson``, ``.gpkg``, ``.parquet``, or a folder ``"out/"`` /
 ``partitioned=True`` for a GeoParquet dataset): polygons are written as tiles finish
