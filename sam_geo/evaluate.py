@@ -54,7 +54,7 @@ import pyproj
 import shapely
 
 from sam_geo.errors import ConfigError, CRSError, PromptError
-from sam_geo.io.layers import is_parquet
+from sam_geo.io.layers import Area, is_parquet, read_layer_near
 from sam_geo.io.prompts import read_prompt_layer
 
 __all__ = [
@@ -180,6 +180,7 @@ def evaluate(
     iou: float = 0.5,
     aoi: LayerSource | None = None,
     key: str | None = None,
+    out_of_core: bool | None = None,
 ) -> EvaluationResult:
     """Match predicted polygons to GT one-to-one at ``IoU >= iou`` and score them.
 
@@ -197,6 +198,10 @@ def evaluate(
             side's column is numeric and the other's is not. GT rows with a null key
             are left out of the per-object statistics. All usable predictions are used
             for the per-object IoU (the AOI filters GT objects only).
+        out_of_core: Read GeoParquet layers partition by partition
+            (:func:`evaluate_out_of_core`, same result); ``None``: when ``pred`` is a
+            GeoParquet dataset folder, ``gt`` GeoParquet, and neither ``aoi`` nor ``key``
+            is given.
 
     Returns:
         An :class:`EvaluationResult`.
@@ -207,6 +212,12 @@ def evaluate(
         CRSError: a layer has no CRS or cannot be reprojected.
     """
     threshold = _check_iou(iou)
+    if out_of_core is None:
+        out_of_core = aoi is None and key is None and _is_dataset(pred) and _is_dataset(gt, folder=False)
+    if out_of_core:
+        if aoi is not None or key is not None:
+            raise ConfigError("out-of-core evaluation takes no AOI or key; evaluate in memory for those")
+        return evaluate_out_of_core(pred, gt, iou=threshold)
     pred_frame, gt_frame = _read_inputs(pred, gt, key)
     crs = _common_crs(gt_frame)
     pred_layer = _Layer(*_prepare(pred_frame, crs, "prediction"))
@@ -522,20 +533,26 @@ def match_polygons(
         return empty
     pi, gi, ious = candidate_ious(pred, gt, iou=iou)
     keep = ious >= iou
-    pi, gi, ious = pi[keep], gi[keep], ious[keep]
+    return greedy_one_to_one(pi[keep], gi[keep], ious[keep])
+
+
+def greedy_one_to_one(pi: np.ndarray, gi: np.ndarray, ious: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy one-to-one matching of candidate pairs ``(pi[k], gi[k])`` of IoU
+    ``ious[k]``: by IoU descending (ties: lower prediction, then lower GT id first), a
+    pair accepted when neither side is taken. Ids may be any integers (row numbers)."""
     order = np.lexsort((gi, pi, -ious))
-    pred_taken = np.zeros(len(pred), dtype=bool)
-    gt_taken = np.zeros(len(gt), dtype=bool)
+    pred_taken: set[int] = set()
+    gt_taken: set[int] = set()
     accepted: list[int] = []
     for k in order.tolist():
-        p, g = pi[k], gi[k]
-        if not pred_taken[p] and not gt_taken[g]:
-            pred_taken[p] = gt_taken[g] = True
+        p, g = int(pi[k]), int(gi[k])
+        if p not in pred_taken and g not in gt_taken:
+            pred_taken.add(p)
+            gt_taken.add(g)
             accepted.append(k)
-    if not accepted:
-        return empty
     chosen = np.asarray(accepted, dtype=np.int64)
-    return pi[chosen], gi[chosen], ious[chosen]
+    return (np.asarray(pi, np.int64)[chosen], np.asarray(gi, np.int64)[chosen],
+            np.asarray(ious, np.float64)[chosen])
 
 
 def candidate_ious(
@@ -649,3 +666,100 @@ def _object_stats(key: str, ious: pd.Series) -> ObjectIoU:
         share_ge_50=float((values >= 0.5).mean()) if n else 0.0,
         share_ge_75=float((values >= 0.75).mean()) if n else 0.0,
     )
+
+
+# --- out of core: GeoParquet datasets with dask ------------------------------------------
+
+
+def evaluate_out_of_core(pred: str | os.PathLike[str], gt: str | os.PathLike[str], *, iou: float = 0.5) -> EvaluationResult:
+    """:func:`evaluate` (no AOI, no key) for GeoParquet layers bigger than memory.
+
+    ``pred`` and ``gt`` are GeoParquet files or dataset folders (a partitioned sam-geo
+    output). The prediction is read partition by partition with dask-geopandas (dask's
+    local threaded scheduler). For each partition, only the ground truth near its bounds is
+    read (:func:`sam_geo.io.layers.read_layer_near`: covering-column statistics) and
+    the candidate pairs of :func:`candidate_ious` are kept. Each prediction lies in one
+    partition, so the pairs are those of the whole layers. The greedy one-to-one
+    matching then runs over the pairs alone. Memory: one partition and its ground truth,
+    plus the pairs. The result equals :func:`evaluate` on the same layers: same counts,
+    matches and row numbers.
+
+    Raises what :func:`evaluate` raises, and :class:`PromptError` for a layer that is
+    not GeoParquet.
+    """
+    import dask
+    import dask_geopandas
+
+    threshold = _check_iou(iou)
+    gt_path, pred_path = Path(gt).expanduser(), Path(pred).expanduser()
+    for role, path in (("prediction", pred_path), ("ground-truth", gt_path)):
+        if not (path.exists() and is_parquet(path)):
+            raise PromptError(f"the {role} layer {path} is not a GeoParquet file or folder; out-of-core evaluation "
+                              "reads GeoParquet only (evaluate it in memory, or convert it)")
+    crs, n_gt, gt_dropped = _ground_truth_counts(gt_path)
+    parts = dask_geopandas.read_parquet(pred_path, split_row_groups=True)
+    lengths = parts.map_partitions(len).compute(scheduler="threads")
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    tasks = [dask.delayed(_partition_pairs)(parts.get_partition(k), int(offsets[k]), gt_path, crs, threshold)
+             for k in range(parts.npartitions)]
+    done = dask.compute(*tasks, scheduler="threads")
+    pairs = pd.concat([d[0] for d in done], ignore_index=True) if done else _no_pairs()
+    n_pred = sum(d[1] for d in done)
+    p_idx, g_idx, ious = greedy_one_to_one(pairs["pred"].to_numpy(), pairs["gt"].to_numpy(), pairs["iou"].to_numpy())
+    matches = pd.DataFrame({"pred_index": p_idx, "gt_index": g_idx, "iou": ious})
+    pred_layer = _Layer(np.empty(n_pred, dtype=object), np.arange(n_pred), int(sum(lengths)) - n_pred)
+    gt_layer = _Layer(np.empty(n_gt, dtype=object), np.arange(n_gt), gt_dropped)
+    return _result(threshold, crs, pred_layer, gt_layer, matches, None, None)
+
+
+def _is_dataset(source: LayerSource, *, folder: bool = True) -> bool:
+    """A GeoParquet dataset folder (``folder``), or any GeoParquet file or folder."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source).expanduser()
+    return path.is_dir() if folder else path.exists() and is_parquet(path)
+
+
+def _no_pairs() -> pd.DataFrame:
+    return pd.DataFrame({"pred": np.zeros(0, np.int64), "gt": np.zeros(0, np.int64), "iou": np.zeros(0)})
+
+
+def _ground_truth_counts(path: Path) -> tuple[pyproj.CRS, int, int]:
+    """The comparison CRS (from a sample of the ground truth when it is geographic),
+    the usable ground-truth polygons and those dropped, one partition at a time."""
+    import dask
+    import dask_geopandas
+
+    parts = dask_geopandas.read_parquet(path, split_row_groups=True)
+    first = parts.get_partition(0).compute()
+    if parts.crs is None:
+        raise CRSError(f"the ground-truth layer {path} has no CRS; set it when writing the file")
+    crs = _common_crs(first.set_crs(parts.crs, allow_override=True) if len(first) else first)
+
+    def usable(frame: gpd.GeoDataFrame) -> tuple[int, int]:
+        _, rows, dropped = _prepare(frame, crs, "ground-truth")
+        return len(rows), dropped
+
+    counts = dask.compute(*[dask.delayed(usable)(parts.get_partition(k)) for k in range(parts.npartitions)],
+                          scheduler="threads")
+    n_gt = sum(c[0] for c in counts)
+    if n_gt + sum(c[1] for c in counts) == 0:
+        raise PromptError("the ground-truth layer has no features; nothing to evaluate against")
+    return crs, n_gt, sum(c[1] for c in counts)
+
+
+def _partition_pairs(
+    frame: gpd.GeoDataFrame, offset: int, gt_path: Path, crs: pyproj.CRS, threshold: float
+) -> tuple[pd.DataFrame, int]:
+    """Candidate pairs at ``IoU >= threshold`` of one prediction partition (rows numbered
+    from ``offset``) against the ground truth near it; and its usable predictions."""
+    geoms, rows, _ = _prepare(frame, crs, "prediction")
+    if len(geoms) == 0:
+        return _no_pairs(), 0
+    near = [Area(shapely.box(*shapely.total_bounds(geoms)), crs)]
+    gt_frame, _ = read_layer_near(gt_path, near)
+    gt_geoms, gt_rows, _ = _prepare(gt_frame, crs, "ground-truth")
+    pi, gi, ious = candidate_ious(geoms, gt_geoms, iou=threshold)
+    keep = ious >= threshold
+    gt_ids = gt_frame.index.to_numpy()[gt_rows]
+    return pd.DataFrame({"pred": offset + rows[pi[keep]], "gt": gt_ids[gi[keep]], "iou": ious[keep]}), len(geoms)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from shapely.geometry import Polygon, box
@@ -293,3 +294,40 @@ def test_cli_prints_a_table_or_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     data = json.loads(capsys.readouterr().out)
     assert (data["tp"], data["fn"], data["iou_threshold"]) == (0, 2, 0.9)
     assert main(["evaluate", str(pred_path), str(gt_path), "--iou", "1.5"]) == 2
+
+
+# --- out of core ------------------------------------------------------------------------
+
+
+def test_out_of_core_equals_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A prediction dataset of 5 parts against a GT file, both GeoParquet: same counts,
+    same matches (row numbers and IoU) as evaluating in memory, and chosen by default
+    for a folder."""
+    rng = np.random.default_rng(3)
+    n = 3000
+    x, y = rng.uniform(0, 20_000, n), rng.uniform(0, 20_000, n)
+    gt = frame([at(box(a, b, a + 10, b + 10)) for a, b in zip(x, y)])
+    gt.loc[7, "geometry"] = None  # dropped, counted as such
+    shift = rng.normal(0, 2.5, (n, 2))
+    keep = rng.random(n) < 0.8
+    pred = frame([at(box(a + dx, b + dy, a + dx + 10, b + dy + 10))
+                  for a, b, (dx, dy), k in zip(x, y, shift, keep) if k])
+    pred = pd.concat([pred, frame([at(box(30_000, 0, 30_010, 10)), None])], ignore_index=True)  # FP, dropped
+    gt_path, folder = tmp_path / "gt.parquet", tmp_path / "pred"
+    gt.to_parquet(gt_path, write_covering_bbox=True, row_group_size=500)
+    folder.mkdir()
+    for k, rows in enumerate(np.array_split(np.arange(len(pred)), 5)):
+        pred.iloc[rows].to_parquet(folder / f"part-{k}.parquet", write_covering_bbox=True)
+    in_memory = evaluate(folder, gt_path, out_of_core=False)
+    out_of_core = evaluate(folder, gt_path)  # a folder against GeoParquet: out of core by default
+    assert in_memory.to_dict() == out_of_core.to_dict()
+    assert in_memory.tp > 1000 and in_memory.n_pred_dropped == 1 and in_memory.n_gt_dropped == 1
+    a = in_memory.matches.sort_values("pred_index").reset_index(drop=True)
+    b = out_of_core.matches.sort_values("pred_index").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(ConfigError, match="no AOI or key"):
+        evaluate(folder, gt_path, key="x", out_of_core=True)
+    with pytest.raises(PromptError, match="GeoParquet"):
+        evaluate(folder, tmp_path / "gt.gpkg", out_of_core=True)
+    assert main(["evaluate", str(folder), str(gt_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["f1"] == in_memory.f1

@@ -15,7 +15,12 @@ import click
 @click.option("--aoi", default=None, help="Polygon layer; only polygons whose representative point is inside count.")
 @click.option("--key", default=None, help="Attribute shared by PRED and GT (e.g. osm_id): adds per-object IoU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def evaluate_command(pred: str, gt: str, iou: float, aoi: str | None, key: str | None, as_json: bool) -> None:
+@click.option("--out-of-core/--in-memory", default=None,
+              help="Read GeoParquet layers partition by partition with dask (default: when PRED is a "
+                   "GeoParquet dataset folder, GT GeoParquet, and no --aoi or --key).")
+def evaluate_command(
+    pred: str, gt: str, iou: float, aoi: str | None, key: str | None, as_json: bool, out_of_core: bool | None
+) -> None:
     """Score predicted polygons PRED against ground truth GT: precision, recall, F1.
 
     Polygons are matched one-to-one (greedy, highest IoU first) at IoU >= --iou, after
@@ -23,7 +28,7 @@ def evaluate_command(pred: str, gt: str, iou: float, aoi: str | None, key: str |
     """
     from sam_geo.evaluate import evaluate
 
-    result = evaluate(pred, gt, iou=iou, aoi=aoi, key=key)
+    result = evaluate(pred, gt, iou=iou, aoi=aoi, key=key, out_of_core=out_of_core)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
