@@ -123,6 +123,32 @@ def test_interrupted_run_resumes_only_the_remaining_tiles(scene: Path, clean_run
     assert_same_output(again, clean_run)
 
 
+def test_a_resumed_run_keeps_the_dataset_parts_already_published(
+    scene: Path, clean_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sam_geo.io import stream
+
+    monkeypatch.setattr(stream, "PART_ROWS", 5)  # a part every 5 rows
+    seen: list[str] = []
+
+    def die_after_five(result) -> None:
+        seen.append(result.tile_key)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    prompts, work, out = prompts_inside(scene), tmp_path / "work", tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        segment(scene, prompts, work_dir=work, output=f"{out}/", workers=0, on_result=die_after_five, **TILING)
+    published = sorted(out.glob("part-*.parquet"))
+    assert published and (work / "published.txt").read_text().count("\n") == len(published)
+    first_rows = gpd.read_parquet(out)
+    gdf = segment(scene, prompts, work_dir=work, output=f"{out}/", **IN_PROCESS, **TILING)  # no --overwrite needed
+    assert set(published) <= set(out.glob("part-*.parquet"))  # kept, not rewritten
+    written = gpd.read_parquet(out).sort_values("prompt_index")
+    assert written.prompt_index.is_unique and len(written) == len(clean_run) == len(gdf) > len(first_rows)
+    assert written.prompt_index.tolist() == sorted(clean_run.prompt_index)
+
+
 def test_work_dir_of_another_run_is_refused_unless_restart(scene: Path, tmp_path: Path) -> None:
     prompts = prompts_inside(scene).iloc[:3]
     work = tmp_path / "work"

@@ -19,7 +19,9 @@ GeoJSON rules); what differs is when data reaches the disk:
   published atomically into the folder as soon as it is written (the last one at the end), rows in Hilbert order, GeoParquet 1.1 with the ``bbox`` covering column. It
   opens with ``geopandas.read_parquet(folder)`` and ``dask_geopandas.read_parquet``.
   With ``overwrite``, parts of an earlier dataset in the folder are deleted only once
-  the new run succeeded; a failed run deletes its own parts.
+  the new run succeeded; a failed run deletes its own parts. With ``on_part`` (a work
+  dir records each part) an interrupted run (Ctrl-C, or killed) leaves its parts, and
+  the resumed run keeps them (``keep``) and adds the rest.
 
 A failed run (any exception inside ``with``) leaves no output and every previous file
 untouched.
@@ -32,6 +34,7 @@ import os
 import secrets
 import shutil
 from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -71,10 +74,12 @@ def is_dataset_path(path: str | os.PathLike[str], partitioned: bool = False) -> 
 
 
 def check_stream_path(
-    path: str | os.PathLike[str], *, overwrite: bool, partitioned: bool = False, others: dict[str, Any] | None = None
+    path: str | os.PathLike[str], *, overwrite: bool, partitioned: bool = False, others: dict[str, Any] | None = None,
+    resumable: Sequence[Path] = (),
 ) -> Path:
     """Check an output path before any work (see :func:`sam_geo.io.writers.check_output_path`);
-    a dataset folder must be new, empty, or a sam-geo dataset with ``overwrite``.
+    a dataset folder must be new, empty, hold only ``resumable`` parts (published by the
+    interrupted run being resumed), or be a sam-geo dataset with ``overwrite``.
 
     Raises :class:`OutputError` / :class:`~sam_geo.errors.OutputExistsError`.
     """
@@ -91,7 +96,8 @@ def check_stream_path(
         raise OutputError(f"{str(folder)!r} is a file; a partitioned output is a folder. Choose another path")
     if not folder.exists():
         return check_target(folder, what="output folder")
-    content = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    ours = {Path(p).resolve() for p in resumable}
+    content = [p for p in folder.iterdir() if not p.name.startswith(".") and p.resolve() not in ours]
     if content and not overwrite:
         raise OutputExistsError(exists_message(folder, "output folder") + " (it is not empty)")
     foreign = [p.name for p in content if not p.match(PART_GLOB)]
@@ -121,7 +127,7 @@ class VectorStream:
 
     def __init__(
         self, path: str | os.PathLike[str], *, overwrite: bool = False, partitioned: bool = False,
-        part_rows: int = PART_ROWS,
+        part_rows: int | None = None, keep: Sequence[Path] = (), on_part: Callable[[Path], None] | None = None,
     ) -> None:
         self.dataset = is_dataset_path(path, partitioned)
         self.path = Path(os.fspath(path).rstrip("/" + os.sep) if self.dataset else path).expanduser()
@@ -135,8 +141,10 @@ class VectorStream:
         self._handle: Any = None
         self._created = False
         self._run = secrets.token_hex(4)
-        self.part_rows = part_rows
+        self.part_rows = part_rows or PART_ROWS
         self._pending: list[geopandas.GeoDataFrame] = []
+        self.kept = [Path(p).resolve() for p in keep]
+        self._on_part = on_part
 
     def __enter__(self) -> VectorStream:
         if self.dataset:
@@ -188,6 +196,8 @@ class VectorStream:
         with atomic_path(part, suffix=".parquet", overwrite=False) as tmp:
             parquet_ready(gdf).to_parquet(tmp, index=False, write_covering_bbox=True, schema_version="1.1.0")
         self.parts.append(part)
+        if self.dataset and self._on_part is not None:
+            self._on_part(part)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is not None:
@@ -207,7 +217,7 @@ class VectorStream:
         elif self.rows == 0 and self.format == "GPKG":  # nothing appended: an empty layer
             gpkg_chunk(self._empty(), self._tmp, self.path.stem, append=False)
         if self.dataset:
-            if not self.parts:
+            if not self.parts and not self.kept:
                 self._write_part_empty()
             self._remove_old_parts()
         elif self.format == "GeoParquet":
@@ -226,9 +236,9 @@ class VectorStream:
         self.parts.append(part)
 
     def _remove_old_parts(self) -> None:
-        ours = set(self.parts)
+        ours = {p.resolve() for p in self.parts} | set(self.kept)
         for part in self.path.glob(PART_GLOB):
-            if part not in ours:
+            if part.resolve() not in ours:
                 part.unlink()
 
     def _merge_parts(self) -> None:
@@ -242,6 +252,9 @@ class VectorStream:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _discard(self, kind: Any, exc: Any, tb: Any) -> None:
+        interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, SystemExit))
+        if self.dataset and interrupted and self._on_part is not None:
+            return  # an interrupted run with a record of its parts: they stay for the resumed run
         if self.dataset:
             for part in self.parts:
                 part.unlink(missing_ok=True)

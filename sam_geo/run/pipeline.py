@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Protocol
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from sam_geo import __version__
 from sam_geo.errors import ConfigError, RasterError, RunError
@@ -46,7 +47,7 @@ from sam_geo.run.standin import standin_ms
 from sam_geo.run.runtime import RunTimer, run_tiles
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import TileResult, TileTask
-from sam_geo.run.workdir import MOSAICS, WorkDir, fingerprint_file
+from sam_geo.run.workdir import MOSAICS, WorkDir, fingerprint_file, published_parts
 from sam_geo.settings import Settings
 
 ScenesArg = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
@@ -137,7 +138,8 @@ def run_pipeline(
     started = time.perf_counter()
     paths = expand_scenes(scenes)
     partitioned = output is not None and is_dataset_path(output, partitioned)  # "out/" loses its / in a Path
-    output_path = _check_outputs(mode, paths, output, overwrite, partitioned, summary_path)
+    resumable = published_parts(work_dir) if work_dir is not None and not restart and mode.order_by else []
+    output_path = _check_outputs(mode, paths, output, overwrite, partitioned, summary_path, resumable)
     with ExitStack() as stack:  # a temporary folder for mosaics, removed once every tile is back
         infos = [open_scene(p, bands=settings.bands, assume_crs=settings.assume_crs) for p in paths]
         infos = join_mosaics(infos, _mosaic_dir(work_dir, stack), bands=settings.bands, assume_crs=settings.assume_crs)
@@ -148,7 +150,9 @@ def run_pipeline(
         summary = _new_summary(mode, infos, settings, weights, len(tasks))
         store = _open_work_dir(work_dir, restart, mode, infos, settings, weights) if work_dir is not None else None
         config = host_config(settings, weights, infos[0], mode.name)
-        sink = OutputSink(output_path, overwrite, partitioned, settings.regularize_m, summary, keep=return_frame)
+        kept = [p for p in resumable if partitioned and p.exists() and p.parent == output_path.resolve()]
+        sink = OutputSink(output_path, overwrite, partitioned, settings.regularize_m, summary, keep=return_frame,
+                          published=PublishedParts(kept, mode.order_by), on_part=store.add_published if store else None)
         with sink:
             for result in run_with_work_dir(tasks, config, settings, store, summary, on_result):
                 sink.write(mode.accept(result))
@@ -178,9 +182,14 @@ class OutputSink:
 
     def __init__(
         self, path: Path | None, overwrite: bool, partitioned: bool, regularize_m: float | None,
-        summary: RunSummary, *, keep: bool,
+        summary: RunSummary, *, keep: bool, published: PublishedParts | None = None,
+        on_part: Callable[[Path], None] | None = None,
     ) -> None:
-        self.stream = None if path is None else VectorStream(path, overwrite=overwrite, partitioned=partitioned)
+        self.published = published if published is not None and published.parts else None
+        self.stream = None if path is None else VectorStream(
+            path, overwrite=overwrite, partitioned=partitioned, on_part=on_part,
+            keep=self.published.parts if self.published else (),
+        )
         self.regularize_m = regularize_m
         self.summary = summary
         self.kept: list[gpd.GeoDataFrame] | None = [] if keep else None
@@ -215,7 +224,7 @@ class OutputSink:
         if self.stream is not None:
             seconds: dict[str, float] = {}
             with cpu_timed(seconds, "write"):
-                self.stream.write(chunk)
+                self.stream.write(chunk if self.published is None else self.published.new_rows(chunk))
             self.summary.add_seconds(seconds)
 
     def frame(self, order_by: str | None) -> gpd.GeoDataFrame:
@@ -228,6 +237,32 @@ class OutputSink:
         if order_by is not None and order_by in gdf.columns:
             gdf = gdf.sort_values(order_by, kind="stable").reset_index(drop=True)
         return gdf
+
+
+class PublishedParts:
+    """Parts of a dataset output that the interrupted run being resumed published
+    (``parts``), and the keys of their rows (``key``: the mode's ``order_by`` column, with
+    ``scene`` when there is one), so that the resumed run writes only the other rows."""
+
+    def __init__(self, parts: list[Path], key: str | None) -> None:
+        self.parts = parts if key is not None else []
+        self.key = key
+        self.keys: pd.Index | None = None
+        if self.parts:
+            tables = [pq.read_table(p, columns=[c for c in (key, "scene") if c in pq.read_schema(p).names])
+                      for p in self.parts]
+            self.keys = self._index(pd.concat([t.to_pandas() for t in tables], ignore_index=True))
+
+    def _index(self, frame: pd.DataFrame) -> pd.Index:
+        if "scene" in frame.columns:
+            return pd.MultiIndex.from_frame(frame[["scene", self.key]])
+        return pd.Index(frame[self.key])
+
+    def new_rows(self, chunk: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+        """The rows of ``chunk`` not in a published part."""
+        if self.keys is None or len(chunk) == 0:
+            return chunk
+        return chunk[~self._index(pd.DataFrame(chunk)).isin(self.keys)]
 
 
 def _mosaic_dir(work_dir: str | os.PathLike[str] | None, stack: ExitStack) -> Path:
@@ -280,7 +315,8 @@ def _read_scene_list(listing: Path) -> list[str]:
 
 
 def _check_outputs(
-    mode: Mode, scenes: list[str], output: Any, overwrite: bool, partitioned: bool, summary_path: Any
+    mode: Mode, scenes: list[str], output: Any, overwrite: bool, partitioned: bool, summary_path: Any,
+    resumable: list[Path],
 ) -> Path | None:
     """Refuse bad or existing outputs before any work (nothing is written here)."""
     inputs = {label: path for label, path in mode.inputs.items() if path is not None}
@@ -290,7 +326,9 @@ def _check_outputs(
         raise ConfigError("partitioned=True needs an output folder (output='out/')")
     output_path = None
     if output is not None:
-        output_path = check_stream_path(output, overwrite=overwrite, partitioned=partitioned, others=inputs)
+        output_path = check_stream_path(
+            output, overwrite=overwrite, partitioned=partitioned, others=inputs, resumable=resumable
+        )
     if summary_path is not None:
         check_target(summary_path, what="summary file", overwrite=overwrite)
     mode.check_outputs(overwrite)

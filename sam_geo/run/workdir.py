@@ -4,6 +4,10 @@ Layout of ``--work-dir DIR``::
 
     DIR/manifest.json          {"format": 1, "fingerprint": {...}}
     DIR/tiles/<task key>.pkl   one finished tile's result (polygons as WKB, counts, seconds)
+    DIR/published.txt          parts of a GeoParquet dataset output already published
+                               (one path a line): a resumed run keeps them and does not
+                               write their rows again
+    DIR/mosaics/               VRTs of mosaics (sam_geo.io.mosaic)
 
 A tile is *done* exactly when its result file exists: the file is written atomically
 (:func:`sam_geo.io.atomic.write_bytes_atomic`: temporary name, fsync, rename), so a
@@ -31,6 +35,15 @@ from sam_geo.io.atomic import write_bytes_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+PUBLISHED = "published.txt"
+
+
+def published_parts(work_dir: str | os.PathLike[str]) -> list[Path]:
+    """The dataset parts a run with this work dir published (none for a new one)."""
+    listing = Path(work_dir) / PUBLISHED
+    if not listing.exists():
+        return []
+    return [Path(line) for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def fingerprint_file(path: str) -> dict[str, Any]:
@@ -65,6 +78,7 @@ class WorkDir:
         if restart and self.path.exists():
             if manifest.exists() or self.tiles.exists():
                 manifest.unlink(missing_ok=True)
+                (self.path / PUBLISHED).unlink(missing_ok=True)
                 shutil.rmtree(self.tiles, ignore_errors=True)
         if manifest.exists():
             self._check(manifest, fingerprint)
@@ -91,6 +105,11 @@ class WorkDir:
                 "rerun with the same inputs and settings to resume, pass --restart to discard it, "
                 "or use another --work-dir"
             )
+
+    def add_published(self, part: Path) -> None:
+        """Record a published part of the output dataset (see :func:`published_parts`)."""
+        lines = [*map(str, published_parts(self.path)), str(Path(part).resolve())]
+        write_bytes_atomic(self.path / PUBLISHED, ("\n".join(lines) + "\n").encode())
 
     def _file(self, key: str) -> Path:
         return self.tiles / f"{key}.pkl"
