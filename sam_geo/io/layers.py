@@ -10,7 +10,8 @@ features intersecting them are read:
   (GeoPackage R-tree, FlatGeobuf packed R-tree, Shapefile ``.qix``); without one GDAL
   scans the layer feature by feature (memory stays flat) and a log line says an index
   would be faster.
-* **GeoParquet** (a file, or a folder of files, hive partitions included): row group by
+* **GeoParquet** (a file, or a folder of files; hive partition keys are not added as
+  columns): row group by
   row group with pyarrow. With a ``bbox`` covering column (GeoParquet 1.1) row groups
   whose statistics miss the area are skipped unread and rows are filtered on the
   covering columns; without one each row group's geometries are decoded to test them
