@@ -127,8 +127,11 @@ class Settings(BaseModel):
         description="Grow box prompts by this fraction of their longer side (default 0; 0.25 with prompt_as mask).",
         json_schema_extra={"mode": ["segment"]},
     )
-    multimask: bool = Field(
-        False, description="Three candidate masks per prompt; keep the one closest in area to the prompt polygon.",
+    multimask: bool | None = Field(
+        None,
+        description="Three candidate masks per box prompt; keep the one closest in area to the prompt polygon. "
+        "Unset (auto): on for polygons that are not rectangles (their area says which candidate is the object), "
+        "off for rectangles, which may be loose boxes. Point prompts always get three.",
         json_schema_extra={"mode": ["segment"]},
     )
 

@@ -90,7 +90,7 @@ def test_options_take_name_default_help_choices_and_range_from_the_field(command
             assert f"[default: {'' if default else 'no-'}{flag_of(param.setting)[2:]}]" in text
         elif default is not None:
             assert f"[default: {default}]" in text or f"[default: {default};" in text
-        elif param.setting == "zoom":
+        elif param.setting in ("zoom", "multimask"):
             assert "[default: auto]" in text
         else:
             assert "[default:" not in text  # None: the description says what happens

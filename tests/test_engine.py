@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from affine import Affine
 
 from sam_geo.errors import ConfigError
-from sam_geo.model.masks import choose_masks, mask_prompt_logits, upsample_crop
+from sam_geo.model.masks import choose_masks, mask_prompt_logits, upsample_crop, wants_three_masks
 from sam_geo.modes.prompted import to_tile_pixels
 from sam_geo.run.host import decode_batches
 from sam_geo.io.prompts import PromptBatch
@@ -80,6 +80,36 @@ def test_decode_batches_never_mix_prompt_kinds() -> None:
         assert len(set(g.has_box)) == 1 and len(set(g.has_mask)) == 1
         assert (g.labels >= 0).all()  # padding trimmed: same point count in a batch
         assert len(g) <= 2
+
+
+def _boxes(areas: list[float], masks: list[bytes | None] | None = None) -> PromptBatch:
+    n = len(areas)
+    return PromptBatch(np.arange(n), np.tile([10.0, 10.0, 50.0, 50.0], (n, 1)), np.zeros((n, 1, 2)),
+                       np.full((n, 1), -1, dtype=np.int32), np.array(masks or [None] * n, dtype=object),
+                       np.array(areas, dtype=float))
+
+
+def test_three_masks_for_outlines_points_and_when_asked() -> None:
+    """Auto: box prompts with an outline area get SAM's three candidates; drawn boxes
+    (no area) and outdated outlines (mask prompts) get its single mask; points always
+    get three; True and False force boxes either way."""
+    outlines, drawn = _boxes([900.0, 1200.0]), _boxes([np.nan, np.nan])
+    points = PromptBatch(np.arange(1), np.full((1, 4), np.nan), np.ones((1, 1, 2)), np.ones((1, 1), np.int32))
+    assert wants_three_masks(outlines, None) and not wants_three_masks(drawn, None)
+    assert not wants_three_masks(_boxes([900.0], [b"x"]), None)
+    assert wants_three_masks(points, None) and wants_three_masks(points, False)
+    assert wants_three_masks(drawn, True) and not wants_three_masks(outlines, False)
+
+
+def test_decode_batches_keep_outlines_apart_from_drawn_boxes() -> None:
+    """Prompts with and without an outline area never share a decoder call (one asks
+    for three masks, the other for one)."""
+    batch = _boxes([900.0, np.nan, 1200.0, np.nan, np.nan])
+    groups = list(decode_batches(batch, size=4))
+    assert sorted(int(i) for g in groups for i in g.index) == list(range(5))
+    for g in groups:
+        assert len(set(np.isnan(g.areas))) == 1
+    assert sorted(len(g) for g in groups) == [2, 3]
 
 
 def test_prompts_move_into_tile_pixels_with_zoom() -> None:

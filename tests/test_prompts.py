@@ -170,7 +170,19 @@ def test_mask_mode_keeps_the_polygon_in_pixels_and_its_box() -> None:
     assert batch.has_mask.all() and batch.has_box.all()
     pixel_poly = shapely.from_wkb(batch.masks[0])
     np.testing.assert_allclose(pixel_poly.bounds, [100, 200, 140, 260])
-    assert batch.areas[0] == pytest.approx(40 * 60)
+    assert np.isnan(batch.areas[0])  # a rectangle is a drawn box: its area says nothing
+
+
+def test_outline_areas_only_for_polygons_that_are_not_their_own_box() -> None:
+    """An L-shaped outline keeps its area (it chooses among SAM's candidates); a
+    rectangle, a box rotated by a hair and a point get none."""
+    ell = shapely.union(pixel_box(100, 100, 160, 120), pixel_box(100, 100, 120, 160))
+    rect = pixel_box(300, 300, 340, 360)
+    layer = frame([ell, rect, Point(scene_xy(500, 500))])
+    batch = build_prompts(layer, SCENE_CRS, SCENE_TRANSFORM, SCENE_SHAPE).batch
+    by_index = dict(zip(batch.index.tolist(), batch.areas.tolist()))
+    assert by_index[0] == pytest.approx(60 * 20 + 20 * 40)
+    assert np.isnan(by_index[1]) and np.isnan(by_index[2])
 
 
 def test_negative_points_join_only_nearby_prompts() -> None:

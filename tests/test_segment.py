@@ -168,7 +168,8 @@ def test_another_sensor_inria_austin_boxes(tmp_path: Path) -> None:
     gdf = segment(INRIA / "austin_aerial.tif", truth.to_crs(4326), id_column="bid", **IN_PROCESS)
     ious = per_object_iou(gdf, truth, "bid")
     assert len(truth) >= 20
-    assert np.median(ious) >= 0.7
+    # 0.765 with SAM's single mask per box; 0.800 choosing among its three by the outline's area
+    assert np.median(ious) >= 0.78
 
 
 def test_sentinel2_false_colour_fields_boxes(tmp_path: Path) -> None:

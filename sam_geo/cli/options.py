@@ -224,7 +224,7 @@ class SettingOption(click.Option):
 def shown_default(name: str) -> str | None:
     """The default of Settings field ``name`` as ``--help`` shows it (None: not shown)."""
     default = Settings.model_fields[name].default
-    if name == "zoom" and default is None:
+    if name in ("zoom", "multimask") and default is None:
         return "auto"
     if isinstance(default, bool):
         flag = option_name(name)[2:]

@@ -22,8 +22,9 @@ class PromptBatch:
     ``x0, y0, x1, y1`` (cols, rows) or NaN rows for point-only prompts; ``points``:
     (n, k, 2) ``x, y``; ``labels``: (n, k) 1 positive, 0 negative, -1 padding;
     ``masks``: (n,) WKB of the prompt polygon in scene pixels for mask prompts, else
-    None; ``areas``: (n,) the prompt polygon's area in scene pixels (NaN for points),
-    used to choose among multimask outputs.
+    None; ``areas``: (n,) the prompt polygon's area in scene pixels (NaN for points and
+    rectangles, :func:`sam_geo.io.prompts.outline_areas`), used to choose among SAM's
+    candidate masks.
     """
 
     index: np.ndarray

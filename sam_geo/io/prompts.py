@@ -371,8 +371,25 @@ def _make_batch(
     labels[use_point, 0] = 1
     masks = np.full(n, None, dtype=object)
     masks[use_mask] = shapely.to_wkb(pixel_geoms[use_mask])
-    areas = np.where(is_point, np.nan, shapely.area(pixel_geoms))
-    return PromptBatch(index.astype(np.int64), boxes, points, labels, masks, areas)
+    return PromptBatch(index.astype(np.int64), boxes, points, labels, masks, outline_areas(pixel_geoms, is_point))
+
+
+RECTANGLE_FILL = 0.98
+"""A polygon covering at least this share of its axis-aligned bounding box is taken for
+a drawn box: its area says nothing about the object inside (a loose box would pick
+SAM's largest candidate mask), so it gets no outline area."""
+
+
+def outline_areas(pixel_geoms: np.ndarray, is_point: np.ndarray) -> np.ndarray:
+    """(n,) area of each prompt polygon, scene pixels^2, used to choose among SAM's
+    candidate masks (:func:`sam_geo.model.masks.choose_masks`); NaN for points and for
+    polygons that fill their bounding box (:data:`RECTANGLE_FILL`)."""
+    areas = shapely.area(pixel_geoms)
+    bounds = shapely.bounds(pixel_geoms)
+    box_areas = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boxlike = areas >= RECTANGLE_FILL * box_areas
+    return np.where(is_point | boxlike, np.nan, areas)
 
 
 def add_negative_points(batch: PromptBatch, negatives_xy: np.ndarray) -> PromptBatch:

@@ -51,7 +51,7 @@ from sam_geo.model.checkpoints import (
     sample_keys,
     state_dict_problems,
 )
-from sam_geo.model.masks import choose_masks, image_tensor, mask_prompt_logits
+from sam_geo.model.masks import choose_masks, image_tensor, mask_prompt_logits, wants_three_masks
 from sam_geo.model.registry import ModelSpec, get_spec, known_models, parse_device
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ class Sam2Backend:
     """
 
     def __init__(
-        self, name: str, weights: Path | None, device: torch.device | str, *, multimask: bool = False
+        self, name: str, weights: Path | None, device: torch.device | str, *, multimask: bool | None = None
     ) -> None:
         self.model = build_sam2_model(name, weights, device=str(device))
         self.device = torch.device(device)
@@ -255,8 +255,8 @@ class Sam2Backend:
         """Low-res mask logits (n, 256, 256) and predicted IoU (n,) for tile-pixel prompts.
 
         Boxes and points are scaled to the model frame per axis (x by S / cols, y by
-        S / rows). Point-only prompts (all prompts when ``multimask``) get three candidate
-        masks and keep one; box prompts get one (SAM 2's decoder falls back to the best
+        S / rows). Point-only prompts (box prompts as :func:`wants_three_masks` decides)
+        get three candidate masks and keep one; other box prompts get one (SAM 2's decoder falls back to the best
         of three itself when that one is unstable).
         """
         model = self.model
@@ -290,7 +290,7 @@ class Sam2Backend:
             image_pe=model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=self.multimask or not has_box.any(),
+            multimask_output=wants_three_masks(prompts, self.multimask),
             repeat_image=True,  # one image embedding for the whole batch of prompts
             high_res_features=list(embedding.high_res_feats),
         )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sam_geo.errors import ConfigError
 from sam_geo.io.prompt_batch import PromptBatch
-from sam_geo.model.masks import choose_masks, image_tensor, logits_windows, mask_prompt_logits
+from sam_geo.model.masks import choose_masks, image_tensor, logits_windows, mask_prompt_logits, wants_three_masks
 from sam_geo.model.registry import build_sam, get_spec
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,7 +109,7 @@ class SamBackend:
     one tile pixel spans along rows and columns.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, *, multimask: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, *, multimask: bool | None = None) -> None:
         self.model = model
         self.device = device
         self.image_size: int = model.image_encoder.img_size
@@ -197,9 +197,9 @@ class SamBackend:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Low-res mask logits (n, 256, 256) and predicted IoU (n,) for tile-pixel prompts.
 
-        Point-only prompts (and all prompts when ``multimask``) ask for SAM's three
-        candidate masks; :func:`choose_masks` keeps one. Box prompts otherwise ask for
-        one. Mask prompts (``prompts.masks``, tile pixels) enter as SAM's low-res mask
+        Point-only prompts, and box prompts as :func:`wants_three_masks` decides, ask
+        for SAM's three candidate masks; :func:`choose_masks` keeps one. Other box
+        prompts ask for one. Mask prompts (``prompts.masks``, tile pixels) enter as SAM's low-res mask
         input (:func:`mask_prompt_logits`).
         """
         ratio = input_hw[0] / tile_hw[0]
@@ -217,7 +217,7 @@ class SamBackend:
             masks = torch.as_tensor(
                 mask_prompt_logits(prompts.masks, self.logits_frame(tile_hw, input_hw)), device=device
             )
-        multimask = self.multimask or not has_box.any()
+        multimask = wants_three_masks(prompts, self.multimask)
         sparse, dense = self.model.prompt_encoder(
             points=(points, labels) if points is not None else None, boxes=boxes, masks=masks
         )
@@ -230,7 +230,9 @@ class SamBackend:
         rows = torch.arange(len(best), device=device)
         return low_res[rows, best], iou[rows, best].float().cpu().numpy()
 
-def build_backend(name: str, weights: Path | None, device: torch.device, *, multimask: bool = False) -> SamBackend:
+def build_backend(
+    name: str, weights: Path | None, device: torch.device, *, multimask: bool | None = None
+) -> SamBackend:
     """The model backend for a registry name (``models.MODELS``), weights loaded."""
     spec = get_spec(name)
     if spec.family == "sam2":

@@ -74,8 +74,9 @@ class HostConfig:
     batch_size: int | None = None
     """Prompts per decoder call; None: :data:`GPU_BATCH_SIZE` on CUDA, else :data:`CPU_BATCH_SIZE`."""
     threads: int | None = None
-    multimask: bool = False
-    """Ask SAM for three masks for every prompt (not only single points); see choose_masks."""
+    multimask: bool | None = None
+    """Three candidate masks for box prompts: True always, False never, None where the
+    prompt's outline area can choose (:func:`~sam_geo.model.masks.wants_three_masks`)."""
     detector: str | None = None
     """Text detector name or folder (``sam-geo text``), loaded on first use."""
     min_area: float = 0.0
@@ -379,15 +380,18 @@ def decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:
 
     SAM's prompt encoder takes one tensor per batch, and padding a box-only prompt with
     a "not a point" token (or giving it an empty mask) would change its embedding, so
-    kinds (box or not, mask or not, point count) are never mixed. Point
+    kinds (box or not, mask or not, point count) are never mixed; nor are prompts with
+    and without an outline area (those with one may get three candidate masks,
+    :func:`~sam_geo.model.masks.wants_three_masks`). Point
     arrays are trimmed to the group's point count.
     """
     n_points = (batch.labels >= 0).sum(axis=1)
-    kinds = np.stack([batch.has_box, batch.has_mask, n_points], axis=1)
+    has_area = ~np.isnan(batch.areas)
+    kinds = np.stack([batch.has_box, batch.has_mask, has_area, n_points], axis=1)
     for kind in np.unique(kinds, axis=0):
         rows = np.flatnonzero((kinds == kind).all(axis=1))
         group = batch.take(rows)
-        k = int(kind[2])
+        k = int(kind[3])
         order = np.argsort(group.labels < 0, axis=1, kind="stable")[:, :k]
         points = np.take_along_axis(group.points, order[..., None], axis=1)
         labels = np.take_along_axis(group.labels, order, axis=1)
