@@ -64,11 +64,12 @@ def wants_three_masks(prompts: PromptBatch, multimask: bool | None) -> bool:
 
     Point-only prompts always do (one point is ambiguous: part, object or group).
     ``multimask`` True: every batch; False: boxes get SAM's single mask; None (auto):
-    box prompts (without a mask prompt) whose outline area is known (``prompts.areas``, polygons that are not
-    their own box; see :func:`sam_geo.io.prompts.build_prompts`) get three, and
-    :func:`choose_masks` keeps the one closest in area to the outline. Measured with
-    MobileSAM, one box per OSM building (``python benchmarks/quality.py``): Banepa
-    median IoU 0.858 -> 0.869, Inria Austin 0.765 -> 0.796, for about 5 % more decoder time.
+    box prompts without a mask prompt whose outline area is known (``prompts.areas``:
+    polygons that are not their own box, :func:`sam_geo.io.prompts.outline_areas`) get
+    three, and :func:`choose_masks` keeps the one closest in area to the outline.
+    Measured with MobileSAM, one box per building (``python benchmarks/quality.py``):
+    Banepa median IoU 0.858 -> 0.869, Inria Austin 0.765 -> 0.800, whole Banepa scene
+    1.10x the time.
     """
     if not prompts.has_box.all():
         return True

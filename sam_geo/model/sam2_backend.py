@@ -256,8 +256,8 @@ class Sam2Backend:
 
         Boxes and points are scaled to the model frame per axis (x by S / cols, y by
         S / rows). Point-only prompts (box prompts as :func:`wants_three_masks` decides)
-        get three candidate masks and keep one; other box prompts get one (SAM 2's decoder falls back to the best
-        of three itself when that one is unstable).
+        get three candidate masks and keep one; other box prompts get one (SAM 2's
+        decoder falls back to the best of three itself when that one is unstable).
         """
         model = self.model
         device = self.device

@@ -199,8 +199,8 @@ class SamBackend:
 
         Point-only prompts, and box prompts as :func:`wants_three_masks` decides, ask
         for SAM's three candidate masks; :func:`choose_masks` keeps one. Other box
-        prompts ask for one. Mask prompts (``prompts.masks``, tile pixels) enter as SAM's low-res mask
-        input (:func:`mask_prompt_logits`).
+        prompts ask for one. Mask prompts (``prompts.masks``, tile pixels) enter as SAM's
+        low-res mask input (:func:`mask_prompt_logits`).
         """
         ratio = input_hw[0] / tile_hw[0]
         device = self.device
