@@ -71,7 +71,7 @@ def report_prompted(summary: RunSummary) -> None:
 def report_auto(summary: RunSummary) -> None:
     """``auto``: what was written and how tile masks were joined into objects."""
     t, o = summary.tiles, summary.objects
-    dropped = o.get("disowned", 0) + o.get("duplicates_suppressed", 0)
+    dropped = o.get("disowned", 0) + o.get("duplicates_suppressed", 0) + o.get("crossing_wholes", 0)
     lines = [
         f"wrote {summary.features} objects to {summary.output} "
         f"({t.processed} tiles encoded, {t.skipped_nodata} all nodata, {t.resumed} resumed, "

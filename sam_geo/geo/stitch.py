@@ -15,12 +15,21 @@ The rule, in words:
    the zone both tiles see (the intersection of their two read windows), their IoU is
    at least ``match_iou``. Comparing only inside the shared zone is what lets a piece
    cut by one tile's edge match the whole object seen by the neighbour. Candidate pairs
-   come from an :class:`shapely.STRtree` query, never from all pairs.
-3. **Groups.** Matching pairs are joined with union-find, strongest IoU first, and a
-   join is refused when both groups already hold a piece of the same tile: a tile never
-   sees one object twice, so a group holds at most one piece per tile. This keeps a
-   mask of two neighbouring objects (or a part of an object) from chaining distinct
-   objects together.
+   come from an :class:`shapely.STRtree` query, never from all pairs. Where a tile's
+   window splits an object in two (the arms of a U whose base it does not see), the
+   neighbour's piece is compared with the split parts together.
+3. **Groups.** Matching pairs are joined with union-find, strongest IoU first, in three
+   rounds by how specific the pieces are: *parts* first, then *window* pieces (covering
+   their whole read window: inside a lake larger than the tile), then *holders*
+   (masks holding another, smaller mask of their tile: a roof and its planes, or
+   everything a tile shows), so the finest masks decide what is one object and wholes
+   take the tiles still free. A join is refused when both groups hold a piece of the
+   same tile, unless both pieces are cut by that tile's window and do not overlap (the
+   split arms above): a tile that saw an object whole saw it once. This keeps a mask
+   of two neighbouring objects (or a part of an object) from chaining distinct objects
+   together; the rounds keep a whole window, which matches every neighbour because it
+   fills every seam, from taking the tile of the object's own piece.
+
 4. **One geometry per group.**
 
    * With a complete piece: the complete piece seen most centrally (largest distance,
@@ -42,7 +51,15 @@ The rule, in words:
    core (cut where its read window ends: the best view there is), and dropped when it
    lies mostly in a place another tile owns.
 
-6. **Duplicates.** Objects that still overlap with IoU above ``nms_iou`` (the same
+6. **Wholes that cut objects.** An object assembled only from window pieces and
+   holders, all cut by their read windows (no tile saw it whole), that holds part of
+   another object, but not all of it, and does not lie in
+   it, is dropped: masks nest or keep apart, and a mask made of a part of an object
+   and the ground beside it (an arm of a large object with the background next to it,
+   a tile's whole window) is not an object. Of two crossing masks the more specific
+   one stays.
+
+7. **Duplicates.** Objects that still overlap with IoU above ``nms_iou`` (the same
    object from tiles whose views disagreed too much to match) are reduced to the one
    with the highest score (greedy non-maximum suppression on polygon IoU).
 
@@ -94,6 +111,28 @@ DEFAULT_MIN_OWNED = 0.5
 
 DEFAULT_EDGE_MARGIN_PX = 4.0
 """A piece closer than this (scene pixels) to an interior read-window side is truncated."""
+
+CONTAINED_SHARE = 0.9
+"""Share of a smaller piece's area inside a larger piece of the same tile at which the
+larger one counts as a whole made of parts (it is grouped after the parts)."""
+
+APART_SHARE = 0.01
+"""Two pieces of one tile overlapping by at most this share of the smaller one's area
+do not overlap (:func:`_same_tile_clash`)."""
+
+WINDOW_SHARE = 0.98
+"""A piece covering this share of its read window is a window piece (:func:`_whole_kinds`)."""
+
+PART, WINDOW, HOLDER = 0, 1, 2
+"""Kinds of piece, from most to least specific (:func:`_whole_kinds`)."""
+
+CROSSING_SHARE = 0.1
+"""An object made only of wholes that holds between this and 1 - this of another
+object's area (and does not lie inside it) cuts through it and is dropped."""
+
+SLIVER_PX = 0.5
+"""Parts of a mosaic of this many scene pixels or fewer are slivers left by the seams
+of cores (floating point), not parts of the object: dropped."""
 
 _SEAM_EPS_PX = 1e-3
 """Cores are grown by this many pixels in mosaics, so pieces clipped on both sides of a
@@ -229,6 +268,7 @@ class _Table:
     grown_cores: np.ndarray
     read_boxes: np.ndarray  # (tiles, 4) scene px
     core_boxes: np.ndarray
+    kind: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))  # see _whole_kinds
 
     @property
     def complete(self) -> np.ndarray:
@@ -291,7 +331,7 @@ def _build_table(parts: Iterable[tuple[Tile, Sequence[Piece]]], extent: PixelBox
     tile_index = np.array([i for i, _ in records], dtype=np.int64)
     bbox = np.array([p.bbox for _, p in records], dtype=np.float64).reshape(-1, 4)
     eps = _SEAM_EPS_PX
-    return _Table(
+    table = _Table(
         geoms=geoms,
         tile=tile_index,
         score=np.array([p.score for _, p in records], dtype=np.float64),
@@ -306,6 +346,8 @@ def _build_table(parts: Iterable[tuple[Tile, Sequence[Piece]]], extent: PixelBox
         read_boxes=_boxes([t.read for t in tiles]),
         core_boxes=_boxes([t.core for t in tiles]),
     )
+    table.kind = _whole_kinds(table)
+    return table
 
 
 def _boxes(boxes: list[PixelBox]) -> np.ndarray:
@@ -333,13 +375,13 @@ def _clipped_areas(geoms: np.ndarray, bbox: np.ndarray, windows: np.ndarray, pol
 # --- matching and grouping -------------------------------------------------------------
 
 
-def _candidate_pairs(table: _Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _candidate_pairs(table: _Table) -> _Pairs:
     """Pairs of intersecting pieces from different tiles, and their IoU in the zone both
     tiles see. Each pair once (left < right)."""
     geoms = table.geoms
     if len(geoms) < 2:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0)
+        return _Pairs(empty, empty, np.zeros(0))
     left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
     keep = (left < right) & (table.tile[left] != table.tile[right])
     left, right = left[keep], right[keep]
@@ -349,7 +391,58 @@ def _candidate_pairs(table: _Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     inter = shapely.area(shapely.intersection(geoms[left], geoms[right]))
     union = a + b - inter
     iou = np.divide(inter, union, out=np.zeros_like(union), where=union > 0)
-    return left, right, iou
+    iou = np.maximum(iou, _split_iou(table, left, right, a, b, inter))
+    return _Pairs(left, right, iou)
+
+
+def _split_iou(
+    table: _Table, left: np.ndarray, right: np.ndarray, a: np.ndarray, b: np.ndarray, inter: np.ndarray
+) -> np.ndarray:
+    """Per pair, the IoU in the shared zone of one piece against *all* the pieces of the
+    other's tile that it meets, when those are split parts of one object.
+
+    A tile whose window cuts a U below its base sees two arms, both cut by its window;
+    the neighbour that sees the base returns one piece, whose IoU with each arm alone
+    is about one half. Against the arms together it is high. The parts are the other
+    tile's pieces lying mostly (over half their area in the zone) in the piece; they
+    count as split when there are two or more, all cut by their window and not
+    overlapping (the sum of their areas exceeds the area of their union by at most
+    :data:`APART_SHARE`); otherwise 0 is returned for the pair. ``a``, ``b``: areas of
+    the left and right pieces in the zone; ``inter``: their intersection's area.
+    """
+    out = np.zeros(len(left))
+    if len(left) == 0:
+        return out
+    # both directions: (piece, other tile's piece)
+    piece = np.concatenate([left, right])
+    other = np.concatenate([right, left])
+    piece_area, other_area = np.concatenate([a, b]), np.concatenate([b, a])
+    inter2, row = np.concatenate([inter, inter]), np.concatenate([np.arange(len(left))] * 2)
+    key = piece * len(table.tiles) + table.tile[other]
+    order = np.argsort(key, kind="stable")
+    starts = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
+        rows = order[start:stop]
+        rows = rows[inter2[rows] > 0.5 * other_area[rows]]  # parts lying mostly in the piece
+        if len(rows) < 2 or not table.edges[other[rows]].all():
+            continue
+        parts = table.geoms[other[rows]]
+        if shapely.area(parts).sum() > (1.0 + APART_SHARE) * shapely.area(shapely.union_all(parts)):
+            continue
+        union = piece_area[rows[0]] + other_area[rows].sum() - inter2[rows].sum()
+        if union > 0:
+            out[row[rows]] = np.maximum(out[row[rows]], inter2[rows].sum() / union)
+    return out
+
+
+@dataclass
+class _Pairs:
+    """Candidate pairs (left < right, different tiles, intersecting) and their IoU inside
+    the zone both tiles see."""
+
+    left: np.ndarray
+    right: np.ndarray
+    iou: np.ndarray
 
 
 def _shared_zones(table: _Table, tiles_a: np.ndarray, tiles_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -366,14 +459,67 @@ def _shared_zones(table: _Table, tiles_a: np.ndarray, tiles_b: np.ndarray) -> tu
     return zones[inverse], boxes[inverse]
 
 
-def _group(
-    table: _Table, left: np.ndarray, right: np.ndarray, iou: np.ndarray, match_iou: float
-) -> tuple[np.ndarray, int]:
-    """Group id per piece: union-find over matching pairs, strongest first, refusing a
-    join of two groups that hold pieces of the same tile. Returns ids and the joins."""
+def _same_tile_clash(table: _Table, group_a: list[int], group_b: list[int]) -> bool:
+    """Whether two groups hold pieces of one tile that cannot be parts of one object.
+
+    Two pieces of one tile may be parts of one object only when both are cut by the
+    tile's read window (the tile did not see where they meet, as for the two arms of
+    a U crossing its edge) and they overlap by at most :data:`APART_SHARE` of the
+    smaller one. A tile that saw a piece whole has seen one object, so it never gives
+    two pieces of it.
+    """
+    for a in group_a:
+        for b in group_b:
+            if table.tile[a] != table.tile[b]:
+                continue
+            if not (table.edges[a] and table.edges[b]):
+                return True
+            smaller = min(table.geoms[a].area, table.geoms[b].area)
+            if shapely.intersection(table.geoms[a], table.geoms[b]).area > APART_SHARE * smaller:
+                return True
+    return False
+
+
+def _whole_kinds(table: _Table, inside: float = CONTAINED_SHARE, window: float = WINDOW_SHARE) -> np.ndarray:
+    """Per piece, how little it says about one object: :data:`PART`, :data:`WINDOW` or
+    :data:`HOLDER` (int8).
+
+    A *holder* holds another, smaller piece of its own tile (at least ``inside`` of the
+    other's area lies in it: a roof and its planes, a shape with the ground beside it,
+    everything the tile shows). A *window* piece holds nothing but covers at least
+    ``window`` of its read window (inside a lake or a field larger than the tile).
+    Anything else is a *part*. Pieces are grouped in this order (:func:`_group`), and
+    objects made only of windows and holders may not cut through other objects
+    (:func:`_crossing_wholes`).
+    """
+    geoms = table.geoms
+    kinds = np.full(len(geoms), PART, dtype=np.int8)
+    if len(geoms) == 0:
+        return kinds
+    area = shapely.area(geoms)
+    kinds[area >= window * shapely.area(table.read_polys[table.tile])] = WINDOW
+    outer, inner = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    same = (outer != inner) & (table.tile[outer] == table.tile[inner])
+    outer, inner = outer[same], inner[same]
+    smaller = area[inner] < area[outer]
+    outer, inner = outer[smaller], inner[smaller]
+    shared = shapely.area(shapely.intersection(geoms[outer], geoms[inner]))
+    kinds[outer[shared >= inside * area[inner]]] = HOLDER
+    return kinds
+
+
+def _group(table: _Table, pairs: _Pairs, match_iou: float) -> tuple[np.ndarray, dict[str, int]]:
+    """Group id per piece: union-find over matching pairs, strongest first.
+
+    Pairs of parts join first, so that the finest masks decide which pieces are one
+    object; pairs with a window piece next, pairs with a holder last, where their
+    tiles are still free (:func:`_whole_kinds`). A join is refused when the two groups
+    hold pieces of one tile that cannot be parts of one object
+    (:func:`_same_tile_clash`). Returns the ids and the counts of joins and refusals.
+    """
     n = len(table.geoms)
     parent = list(range(n))
-    tiles_of: dict[int, set[int]] = {}
+    members: dict[int, list[int]] = {}
 
     def find(i: int) -> int:
         root = i
@@ -383,26 +529,27 @@ def _group(
             parent[i], i = root, parent[i]
         return root
 
-    matched = iou >= match_iou
-    order = np.lexsort((right[matched], left[matched], -iou[matched]))
-    joins = 0
-    for a, b in zip(left[matched][order].tolist(), right[matched][order].tolist()):
+    matched = pairs.iou >= match_iou
+    left, right, iou = pairs.left[matched], pairs.right[matched], pairs.iou[matched]
+    late = np.maximum(table.kind[left], table.kind[right])
+    order = np.lexsort((right, left, -iou, late))
+    counts = {"joins": 0, "refused_same_tile": 0}
+    for a, b in zip(left[order].tolist(), right[order].tolist()):
         ra, rb = find(a), find(b)
         if ra == rb:
             continue
-        ta = tiles_of.get(ra) or {int(table.tile[ra])}
-        tb = tiles_of.get(rb) or {int(table.tile[rb])}
-        if ta & tb:
+        ma, mb = members.get(ra) or [ra], members.get(rb) or [rb]
+        if _same_tile_clash(table, ma, mb):
+            counts["refused_same_tile"] += 1
             continue
-        if len(ta) < len(tb):  # union by size of the tile sets
-            ra, rb, ta, tb = rb, ra, tb, ta
+        if len(ma) < len(mb):  # union by size
+            ra, rb, ma, mb = rb, ra, mb, ma
         parent[rb] = ra
-        ta |= tb
-        tiles_of[ra] = ta
-        tiles_of.pop(rb, None)
-        joins += 1
+        members[ra] = ma + mb
+        members.pop(rb, None)
+        counts["joins"] += 1
     roots = np.array([find(i) for i in range(n)], dtype=np.int64)
-    return np.unique(roots, return_inverse=True)[1].reshape(-1), joins
+    return np.unique(roots, return_inverse=True)[1].reshape(-1), counts
 
 
 # --- one geometry per group ------------------------------------------------------------
@@ -421,16 +568,18 @@ def _mosaic(table: _Table, members: np.ndarray) -> tuple[shapely.Geometry | None
     unowned = shapely.difference(geoms, member_cores)
     contributions = shapely.area(owned) + shapely.area(unowned)
     merged = shapely.union_all(np.concatenate([owned, unowned]))
-    return _polygonal(merged), contributions
+    pixel_area = abs(table.tiles[0].scene_transform.determinant)
+    return _polygonal(merged, SLIVER_PX * pixel_area), contributions
 
 
-def _polygonal(geom: shapely.Geometry) -> shapely.Geometry | None:
-    """The polygonal part of a geometry (valid), or None when it has no area."""
+def _polygonal(geom: shapely.Geometry, min_area: float = 0.0) -> shapely.Geometry | None:
+    """The polygonal part of a geometry (valid), without parts of ``min_area`` or less
+    (CRS units), or None when nothing is left."""
     if geom is None or geom.is_empty:
         return None
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
-    parts = [p for p in shapely.get_parts(geom) if isinstance(p, shapely.Polygon) and p.area > 0]
+    parts = [p for p in shapely.get_parts(geom) if isinstance(p, shapely.Polygon) and p.area > min_area]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
@@ -453,8 +602,13 @@ def _owned_share(table: _Table, group_tiles: np.ndarray, geometry: np.ndarray, b
     return np.divide(owned_sum, total, out=np.zeros_like(total), where=total > 0)
 
 
-def _assemble(table: _Table, group: np.ndarray, min_owned: float) -> tuple[StitchedObjects, dict[str, int]]:
-    """One object per group, kept when its own tiles own enough of it (module docs, 4-5)."""
+def _assemble(
+    table: _Table, group: np.ndarray, min_owned: float
+) -> tuple[StitchedObjects, dict[str, int], np.ndarray]:
+    """One object per group, kept when its own tiles own enough of it (module docs, 4-5).
+
+    Also returns, per kept object, whether it is made only of wholes
+    (:func:`_whole_kinds`) all cut by their windows (no tile saw it whole)."""
     n_groups = int(group.max()) + 1 if len(group) else 0
     # Best piece per group first: complete, most central, highest score, then order.
     order = np.lexsort((np.arange(len(group)), -table.score, -table.margin, ~table.complete, group))
@@ -490,7 +644,35 @@ def _assemble(table: _Table, group: np.ndarray, min_owned: float) -> tuple[Stitc
     keep &= ~disowned
     stats["disowned"] = int(disowned.sum())
     objects = StitchedObjects(geometry, score, stability, tiles_per_group)
-    return objects.take(np.flatnonzero(keep)), stats
+    wholes = (np.bincount(group, weights=table.kind == PART, minlength=n_groups) == 0) & ~has_complete
+    rows = np.flatnonzero(keep)
+    return objects.take(rows), stats, wholes[rows]
+
+
+def _crossing_wholes(objects: StitchedObjects, wholes: np.ndarray, cut: float = CROSSING_SHARE) -> np.ndarray:
+    """Rows of objects made only of cut wholes (``wholes``) that cut through another object.
+
+    A whole W cuts object P when W holds part of P but not all of it (between ``cut``
+    and ``1 - cut`` of P's area, or P's part is at least ``cut`` of W's area and less
+    than ``1 - cut`` of P), while W does not lie (90 % or more) inside P. Masks nest or
+    keep apart; a mask that holds part of an object and the ground beside it is not an
+    object (a tile's whole window, a part of a large object with the background next
+    to it). Only objects assembled purely from wholes are judged, and only against
+    objects with a finer piece, so of two crossing masks the more specific one stays.
+    """
+    geoms = objects.geometry
+    if len(geoms) < 2 or not wholes.any():
+        return np.zeros(0, dtype=np.int64)
+    whole, other = shapely.STRtree(geoms).query(geoms[wholes], predicate="intersects")
+    whole = np.flatnonzero(wholes)[whole]
+    keep = ~wholes[other]
+    whole, other = whole[keep], other[keep]
+    area = shapely.area(geoms)
+    shared = shapely.area(shapely.intersection(geoms[whole], geoms[other]))
+    of_other, of_whole = shared / area[other], shared / area[whole]
+    partial = (of_other <= 1.0 - cut) & ((of_other >= cut) | (of_whole >= cut))
+    crossing = partial & (of_whole < CONTAINED_SHARE)
+    return np.unique(whole[crossing])
 
 
 def _suppress_duplicates(objects: StitchedObjects, nms_iou: float) -> np.ndarray:
@@ -591,16 +773,19 @@ def stitch(
     if not 0.0 <= min_owned <= 1.0:
         raise ConfigError(f"stitching min owned share must be in [0, 1], got {min_owned}")
     table = _build_table(parts, extent)
-    left, right, iou = _candidate_pairs(table)
-    group, joins = _group(table, left, right, iou, match_iou)
-    objects, stats = _assemble(table, group, min_owned)
+    pairs = _candidate_pairs(table)
+    group, counts = _group(table, pairs, match_iou)
+    objects, stats, wholes = _assemble(table, group, min_owned)
+    crossing = _crossing_wholes(objects, wholes)
+    objects = objects.take(np.setdiff1d(np.arange(len(objects)), crossing))
     kept = _suppress_duplicates(objects, nms_iou)
     stats.update(
         pieces=len(table.geoms),
-        pairs=len(iou),
-        matches=int((iou >= match_iou).sum()),
-        joins=joins,
+        pairs=len(pairs.iou),
+        matches=int((pairs.iou >= match_iou).sum()),
+        **counts,
         groups=int(group.max()) + 1 if len(group) else 0,
+        crossing_wholes=len(crossing),
         duplicates_suppressed=len(objects) - len(kept),
     )
     objects = objects.take(kept)
