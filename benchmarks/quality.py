@@ -15,6 +15,16 @@ Rows (IoU matching at 0.5, SpaceNet style; OSM outlines; labels only where label
 * ``fields-auto``: automatic mode on the Sentinel-2 scene with ``configs/fields.yaml``,
   F1 inside the 11 label boxes that lie in the scene (about 11 minutes on 2 cores).
 
+Other sensors (stand-ins made from the shared data, written to a temporary folder):
+
+* ``pan-box``: ``banepa-box`` on a panchromatic uint16 stand-in of Banepa (one band,
+  ``0.299 R + 0.587 G + 0.114 B`` scaled to 11-bit counts, ``6 L + 150``; nodata 0);
+* ``fields-box``: the Sentinel-2 scene (uint8, EPSG:32631), one box per labelled field
+  polygon that lies in the scene;
+* ``fields-int16-box``: the same on an int16 stand-in in EPSG:4326 (surface
+  reflectance-like values ``40 DN - 500``, negative where dark, nodata -9999 on a
+  band along the western edge; reprojected with nearest neighbour).
+
 Each row prints its figures, the per-object IoU quantiles (prompted rows) and its wall
 seconds. All runs use the defaults (plus the named preset) and one Ray worker.
 
@@ -24,6 +34,7 @@ seconds. All runs use the defaults (plus the named preset) and one Ray worker.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +55,7 @@ from sam_geo.settings import load_preset
 
 INRIA = SHARED / "data" / "inria"
 REPO = Path(__file__).resolve().parents[1]
-PROMPTED_ROWS = ("banepa-box", "banepa-point", "inria-box")
+PROMPTED_ROWS = ("banepa-box", "banepa-point", "inria-box", "pan-box", "fields-box", "fields-int16-box")
 AUTO_ROWS = ("banepa-auto", "inria-auto", "fields-auto")
 DEFAULT_ROWS = ("banepa-box", "banepa-point", "inria-box", "banepa-auto", "inria-auto")
 
@@ -62,16 +73,75 @@ def inria_buildings(min_pixels: int = 200) -> gpd.GeoDataFrame:
     return frame.reset_index(drop=True).assign(bid=lambda f: np.arange(len(f)))
 
 
+def prompted_inputs(row: str, tmp: Path) -> tuple[gpd.GeoDataFrame, str, Path, gpd.GeoDataFrame]:
+    """Truth, its key column, the scene and the prompt layer of a prompted row."""
+    if row == "inria-box":
+        truth = inria_buildings()
+        return truth, "bid", INRIA / "austin_aerial.tif", truth.to_crs(4326)
+    if row.startswith("fields"):
+        scene = FIELDS / "befl_s2_nir_r_g.tif"
+        truth = labelled_fields(scene)
+        if row == "fields-int16-box":
+            scene = write_int16_geographic(scene, tmp / "fields_int16_4326.tif")
+        return truth, "fid", scene, truth
+    truth, scene = gpd.read_file(BANEPA / "buildings_utm45n.geojson"), BANEPA / "banepa_utm45n.tif"
+    prompts = gpd.read_file(BANEPA / "osm_buildings_4326.geojson")
+    if row == "banepa-point":
+        prompts = prompts.set_geometry(prompts.geometry.to_crs(32645).representative_point().to_crs(4326))
+    if row == "pan-box":
+        scene = write_panchromatic(scene, tmp / "banepa_pan_uint16.tif")
+    return truth, "osm_id", scene, prompts
+
+
+def labelled_fields(scene: Path) -> gpd.GeoDataFrame:
+    """The labelled field polygons lying in the scene (3 m inside its footprint), ``fid`` 0..n-1."""
+    fields = gpd.read_file(FIELDS / "fields_polygons.gpkg", layer="polygons")
+    footprint = open_scene(scene).footprint.buffer(-3)
+    fields = fields[fields.geometry.notna() & fields.within(footprint)]
+    return fields.reset_index(drop=True).assign(fid=lambda f: np.arange(len(f)))[["fid", "geometry"]]
+
+
+def write_panchromatic(rgb: Path, out: Path) -> Path:
+    """A one-band uint16 panchromatic stand-in of an RGB uint8 scene (nodata 0 kept)."""
+    with rasterio.open(rgb) as src:
+        image = src.read().astype(np.float32)
+        profile = src.profile | {"count": 1, "dtype": "uint16", "nodata": 0}
+    valid = image.any(axis=0)
+    luminance = 0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    pan = np.where(valid, 6.0 * luminance + 150.0, 0).astype(np.uint16)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(pan, 1)
+    return out
+
+
+def write_int16_geographic(scene: Path, out: Path) -> Path:
+    """An int16 stand-in in EPSG:4326: ``40 DN - 500``, nodata -9999 on the western 5 %."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(scene) as src:
+        values = src.read().astype(np.int32) * 40 - 500
+        values[:, :, : src.width // 20] = -9999
+        transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height,
+                                                               *src.bounds)
+        profile = src.profile | {"dtype": "int16", "nodata": -9999, "crs": "EPSG:4326", "transform": transform,
+                                 "width": width, "height": height}
+        dest = np.full((src.count, height, width), -9999, dtype=np.int16)
+        reproject(values.astype(np.int16), dest, src_transform=src.transform, src_crs=src.crs, src_nodata=-9999,
+                  dst_transform=transform, dst_crs="EPSG:4326", dst_nodata=-9999, resampling=Resampling.nearest)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(dest)
+    return out
+
+
 def prompted_row(row: str) -> None:
     """Segment from prompts and print the per-object IoU figures."""
-    if row == "inria-box":
-        truth, key, scene = inria_buildings(), "bid", INRIA / "austin_aerial.tif"
-        prompts = truth.to_crs(4326)
-    else:
-        truth, key, scene = gpd.read_file(BANEPA / "buildings_utm45n.geojson"), "osm_id", BANEPA / "banepa_utm45n.tif"
-        prompts = gpd.read_file(BANEPA / "osm_buildings_4326.geojson")
-        if row == "banepa-point":
-            prompts = prompts.set_geometry(prompts.geometry.to_crs(32645).representative_point().to_crs(4326))
+    with tempfile.TemporaryDirectory() as tmp:
+        truth, key, scene, prompts = prompted_inputs(row, Path(tmp))
+        run_prompted(row, truth, key, scene, prompts)
+
+
+def run_prompted(row: str, truth: gpd.GeoDataFrame, key: str, scene: Path, prompts: gpd.GeoDataFrame) -> None:
+    """Segment ``prompts`` on ``scene`` and print per-object IoU against ``truth``."""
     start = time.perf_counter()
     gdf = segment(scene, prompts, id_column=key, weights=str(WEIGHTS), workers=1, progress=False)
     wall = time.perf_counter() - start
