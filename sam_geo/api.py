@@ -38,7 +38,9 @@ from typing import Any
 
 import geopandas as gpd
 
+from sam_geo.model.registry import get_spec
 from sam_geo.modes.automatic import AutoMode
+from sam_geo.modes.concept import ConceptMode
 from sam_geo.modes.prompted import PromptedMode, PromptLayer
 from sam_geo.modes.text import TextMode
 from sam_geo.run.pipeline import OnResult, RunOutput, ScenesArg, run_pipeline
@@ -155,10 +157,17 @@ def segment_text(
     a detection belongs to the tile whose core holds its centre, and SAM segments it.
     Thresholds default to the detector's own. Returns one row per object with
     ``phrase``, ``detector_score``, ``score`` (SAM's predicted IoU) and ``area_m2``.
+
+    With a model that reads text itself (``model="sam3"``), no detector runs: the model
+    finds every instance of each phrase per tile and the instances are stitched across
+    tile seams as in automatic mode (:mod:`sam_geo.modes.concept`); rows then carry
+    ``phrase``, ``score``, ``area_m2`` and ``n_tiles``.
     """
-    mode = TextMode(phrases)
+    run_settings = make_settings(settings, **overrides)
+    concept = get_spec(run_settings.model).family == "sam3"
+    mode = ConceptMode(phrases) if concept else TextMode(phrases)
     return run_pipeline(
-        mode, scenes, make_settings(settings, **overrides), output=output, overwrite=overwrite,
+        mode, scenes, run_settings, output=output, overwrite=overwrite,
         partitioned=partitioned, summary_path=summary_path, work_dir=work_dir, restart=restart,
         on_result=on_result, return_frame=return_frame,
     )

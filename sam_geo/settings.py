@@ -65,7 +65,7 @@ class Settings(BaseModel):
 
     # --- the model --------------------------------------------------------------------
     model: str = Field(DEFAULT_MODEL, description="Model name (see `sam-geo models`).")
-    weights: str | None = Field(None, description="Weights file; default: the cache, then a download.")
+    weights: str | None = Field(None, description="Weights file (SAM 3: its transformers model folder); default: the cache, then a download.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -191,7 +191,7 @@ class Settings(BaseModel):
         json_schema_extra={"mode": ["text"]},
     )
     box_threshold: float | None = Field(
-        None, ge=0, le=1, description="Detector score threshold (default: the detector's own).",
+        None, ge=0, le=1, description="Detector score threshold (default: the detector's own; SAM 3: 0.5).",
         json_schema_extra={"mode": ["text"]},
     )
     text_threshold: float | None = Field(

@@ -100,14 +100,18 @@ class Fetchers:
 # --- registry ---------------------------------------------------------------------
 
 
-def test_registry_lists_sam_mobile_sam_and_sam2_models() -> None:
+def test_registry_lists_sam_mobile_sam_sam2_and_sam3_models() -> None:
     assert models.known_models() == [
         "mobile_sam", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "sam2.1_hiera_small", "sam2.1_hiera_tiny",
-        "vit_b", "vit_h", "vit_l",
+        "sam3", "vit_b", "vit_h", "vit_l",
     ]
     assert models.DEFAULT_MODEL == "mobile_sam"
+    sam3 = models.get_spec("sam3")
+    assert (sam3.family, sam3.hf_repo, sam3.licence) == ("sam3", "facebook/sam3", "SAM License (gated)")
     for name, spec in models.MODELS.items():
         assert spec.name == name
+        if spec.hf_repo is not None:  # a transformers model folder: no file checksum
+            continue
         assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
         assert spec.url.endswith("/" + spec.filename)
         assert spec.licence == "Apache-2.0"

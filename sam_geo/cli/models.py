@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -10,7 +11,10 @@ import click
 @click.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def models(as_json: bool) -> None:
-    """List the models sam-geo knows, with sizes, licences and weight sources."""
+    """List the models sam-geo knows, with sizes, licences and weight sources.
+
+    SAM 3 (``sam3``) is gated under Meta's SAM License, not Apache-2.0: accept it on
+    the model's Hugging Face page before downloading."""
     from dataclasses import asdict
 
     from sam_geo.model.registry import MODELS
@@ -19,6 +23,14 @@ def models(as_json: bool) -> None:
         click.echo(json.dumps({name: asdict(spec) for name, spec in MODELS.items()}, indent=2))
         return
     width = max(map(len, MODELS))
+    licence_width = max(len(spec.licence) for spec in MODELS.values())
     for name, spec in MODELS.items():
-        size = f"{spec.size_bytes / 1e6:,.0f} MB" if spec.size_bytes else "?"
-        click.echo(f"{name:<{width}} {size:>9}  {spec.licence:<12} {spec.url}")
+        size = f"{spec.size_bytes / 1e6:,.0f} MB" if spec.size_bytes else "folder"
+        click.echo(f"{name:<{width}} {size:>9}  {spec.licence:<{licence_width}}  {weights_source(spec)}")
+
+
+def weights_source(spec: Any) -> str:
+    """Where a model's weights come from, in words."""
+    if spec.hf_repo is not None:
+        return f"Hugging Face {spec.hf_repo} via transformers (accept the licence at {spec.url}); or --weights FOLDER"
+    return spec.url

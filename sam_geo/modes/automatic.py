@@ -493,9 +493,11 @@ class AutoMode:
 
     def check(self, settings: Settings) -> None:
         """SAM-family model and an overlap wide enough to stitch in, else ConfigError."""
-        if get_spec(settings.model).family == "sam2":
+        family = get_spec(settings.model).family
+        if family not in ("sam", "mobile_sam"):
+            kind = "a SAM 3 model: it finds instances of phrases (sam-geo text)" if family == "sam3" else "a SAM 2.1 model"
             raise ConfigError(
-                f"automatic segmentation runs SAM and MobileSAM models; {settings.model!r} is a SAM 2.1 model. "
+                f"automatic segmentation runs SAM and MobileSAM models; {settings.model!r} is {kind}. "
                 "Use --model mobile_sam (or vit_b, vit_l, vit_h)"
             )
         if settings.overlap_px < MIN_OVERLAP_PX:

@@ -47,6 +47,7 @@ from sam_geo.run.pipeline import COMMON_TILE_SETTINGS, reproject_geometries
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import PostConfig, PromptResult, TileInput, TileResult, TileTask
 from sam_geo.run.workdir import digest
+from sam_geo.model.registry import get_spec
 from sam_geo.settings import Settings
 
 OUTPUT_COLUMNS = ("prompt_index", "score", "area_m2")
@@ -227,7 +228,12 @@ class PromptedMode:
         return {"the prompt layer": self.prompts.source, "the negative-point layer": self.prompts.negative_points}
 
     def check(self, settings: Settings) -> None:
-        """Nothing beyond the settings model's own checks."""
+        """A model that takes box and point prompts (not SAM 3's phrases), else ConfigError."""
+        if get_spec(settings.model).family == "sam3":
+            raise ConfigError(
+                f"{settings.model!r} outlines every instance of a phrase (sam-geo text SCENE \"phrase\" --model "
+                f"{settings.model}); prompts from a layer need a SAM or SAM 2.1 model, e.g. --model mobile_sam"
+            )
 
     def check_outputs(self, overwrite: bool) -> None:
         """No outputs besides the vector layer."""
