@@ -100,10 +100,11 @@ class Fetchers:
 # --- registry ---------------------------------------------------------------------
 
 
-def test_registry_lists_sam_mobile_sam_sam2_and_sam3_models() -> None:
+def test_registry_lists_sam_mobile_sam_sam2_sam3_and_edgetam_models() -> None:
     assert models.known_models() == [
-        "mobile_sam", "sam2.1_hiera_base_plus", "sam2.1_hiera_large", "sam2.1_hiera_small", "sam2.1_hiera_tiny",
-        "sam3", "vit_b", "vit_h", "vit_l",
+        "edgetam", "mobile_sam", "sam2.1_hiera_base_plus", "sam2.1_hiera_base_plus_hf", "sam2.1_hiera_large",
+        "sam2.1_hiera_large_hf", "sam2.1_hiera_small", "sam2.1_hiera_small_hf", "sam2.1_hiera_tiny",
+        "sam2.1_hiera_tiny_hf", "sam3", "vit_b", "vit_h", "vit_l",
     ]
     assert models.DEFAULT_MODEL == "mobile_sam"
     sam3 = models.get_spec("sam3")

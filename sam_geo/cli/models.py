@@ -32,5 +32,6 @@ def models(as_json: bool) -> None:
 def weights_source(spec: Any) -> str:
     """Where a model's weights come from, in words."""
     if spec.hf_repo is not None:
-        return f"Hugging Face {spec.hf_repo} via transformers (accept the licence at {spec.url}); or --weights FOLDER"
+        gated = f"; accept the licence at {spec.url} first" if "gated" in spec.licence else ""
+        return f"Hugging Face {spec.hf_repo} (transformers folder, or --weights FOLDER){gated}"
     return spec.url

@@ -7,7 +7,9 @@ tokenizer files. :func:`find_model_folder` looks for one, in this order:
 1. **explicit** -- the ``--weights`` path: the folder itself, or a weights file inside
    one (its folder is used). A lone checkpoint of the model's official release (SAM 3's
    ``sam3.pt``, state-dict names ``detector.*`` / ``tracker.*``) is recognised and
-   refused with what to download instead: ``transformers`` cannot load that layout.
+   refused with what to download instead: ``transformers`` cannot load that layout (the
+   same holds for the ``sam2`` package's ``.pt`` files: use the ``sam2.1_hiera_*`` models
+   without ``_hf`` for those).
 2. **cache** -- ``<weights cache>/<spec.filename>/`` (``SAM_GEO_WEIGHTS_DIR`` or the user
    cache, as for the other models).
 3. **huggingface** -- the Hugging Face cache (``HF_HOME``), when the model was
@@ -78,7 +80,7 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def explicit_folder(path: Path, model_type: str, repo: str) -> Path:
+def explicit_folder(path: Path, model_type: str, repo: str, gated: bool = True) -> Path:
     """The model folder the user's ``--weights`` names (a folder or a file inside one).
 
     Raises:
@@ -87,16 +89,16 @@ def explicit_folder(path: Path, model_type: str, repo: str) -> Path:
     """
     folder = path if path.is_dir() else path.parent
     if not path.exists():
-        raise WeightsError(f"--weights {path} does not exist. {download_hint(repo)}")
+        raise WeightsError(f"--weights {path} does not exist. {download_hint(repo, gated)}")
     if path.is_file() and is_official_release(path):
         raise WeightsError(
             f"--weights {path} is the official release checkpoint of the model (state-dict names "
-            f"{', '.join(OFFICIAL_PREFIXES)}*), which transformers cannot load. {download_hint(repo)}"
+            f"{', '.join(OFFICIAL_PREFIXES)}*), which transformers cannot load. {download_hint(repo, gated)}"
         )
     problem = folder_problem(folder, model_type)
     if problem is not None:
         raise WeightsError(f"--weights {path}: folder {folder} is not a {model_type} model folder ({problem}). "
-                           f"{download_hint(repo)}")
+                           f"{download_hint(repo, gated)}")
     return folder
 
 
@@ -152,8 +154,11 @@ def _hub_reason(exc: Exception) -> str:
     return one_line_reason(exc)
 
 
-def download_hint(repo: str) -> str:
-    """What to do to get a gated Hugging Face model's folder."""
+def download_hint(repo: str, gated: bool = True) -> str:
+    """What to do to get a Hugging Face model's folder (``gated``: behind a licence)."""
+    if not gated:
+        return (f"Run online once (the folder is downloaded into the Hugging Face cache), or download it "
+                f"(hf download {repo} --local-dir DIR) and pass --weights DIR.")
     return (
         f"Accept the licence at https://huggingface.co/{repo}, then either log in (hf auth login) and run "
         f"online once, or download the folder (hf download {repo} --local-dir DIR) and pass --weights DIR."

@@ -91,7 +91,7 @@ __all__ = [
     "resolve_weights",
 ]
 
-Family = Literal["sam", "mobile_sam", "sam2", "sam3"]
+Family = Literal["sam", "mobile_sam", "sam2", "sam2_hf", "edgetam", "sam3"]
 Source = Literal["explicit", "cache", "download", "pypi", "huggingface"]
 
 ENV_WEIGHTS_DIR = "SAM_GEO_WEIGHTS_DIR"
@@ -237,6 +237,69 @@ MODELS: dict[str, ModelSpec] = {
         size_bytes=898_083_611,
         licence="Apache-2.0",
         description="SAM 2.1 Hiera-L (224M params), image mode; the most accurate SAM 2.1.",
+    ),
+    # Promptable models through transformers (Sam2Model, EdgeTamModel; sam_geo.model.hf_backend):
+    # Hugging Face model folders, Apache-2.0, not gated. No sha256: a model folder.
+    "sam2.1_hiera_tiny_hf": ModelSpec(
+        name="sam2.1_hiera_tiny_hf",
+        family="sam2_hf",
+        arch="sam2",
+        filename="sam2.1_hiera_tiny_hf",
+        url="https://huggingface.co/facebook/sam2.1-hiera-tiny",
+        sha256="",
+        size_bytes=None,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-T (39M params) through transformers (Sam2Model): no sam2 source build.",
+        hf_repo="facebook/sam2.1-hiera-tiny",
+    ),
+    "sam2.1_hiera_small_hf": ModelSpec(
+        name="sam2.1_hiera_small_hf",
+        family="sam2_hf",
+        arch="sam2",
+        filename="sam2.1_hiera_small_hf",
+        url="https://huggingface.co/facebook/sam2.1-hiera-small",
+        sha256="",
+        size_bytes=None,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-S (46M params) through transformers (Sam2Model): no sam2 source build.",
+        hf_repo="facebook/sam2.1-hiera-small",
+    ),
+    "sam2.1_hiera_base_plus_hf": ModelSpec(
+        name="sam2.1_hiera_base_plus_hf",
+        family="sam2_hf",
+        arch="sam2",
+        filename="sam2.1_hiera_base_plus_hf",
+        url="https://huggingface.co/facebook/sam2.1-hiera-base-plus",
+        sha256="",
+        size_bytes=None,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-B+ (81M params) through transformers (Sam2Model): no sam2 source build.",
+        hf_repo="facebook/sam2.1-hiera-base-plus",
+    ),
+    "sam2.1_hiera_large_hf": ModelSpec(
+        name="sam2.1_hiera_large_hf",
+        family="sam2_hf",
+        arch="sam2",
+        filename="sam2.1_hiera_large_hf",
+        url="https://huggingface.co/facebook/sam2.1-hiera-large",
+        sha256="",
+        size_bytes=None,
+        licence="Apache-2.0",
+        description="SAM 2.1 Hiera-L (224M params) through transformers (Sam2Model): no sam2 source build.",
+        hf_repo="facebook/sam2.1-hiera-large",
+    ),
+    "edgetam": ModelSpec(
+        name="edgetam",
+        family="edgetam",
+        arch="edgetam",
+        filename="edgetam",
+        url="https://huggingface.co/yonigozlan/EdgeTAM-hf",
+        sha256="",
+        size_bytes=None,
+        licence="Apache-2.0",
+        description="EdgeTAM (RepViT + SAM 2 decoder, about 14M params) through transformers (EdgeTamModel); "
+        "needs timm.",
+        hf_repo="yonigozlan/EdgeTAM-hf",
     ),
     # SAM 3 through transformers (Sam3Model): text concept prompts, every instance of a
     # noun phrase. The weights are gated on the Hugging Face Hub under Meta's SAM License
@@ -388,8 +451,9 @@ def _resolve_folder(
     from sam_geo.model import hf_weights
 
     repo = cast(str, spec.hf_repo)
+    gated = "gated" in spec.licence
     if weights is not None:
-        folder = hf_weights.explicit_folder(Path(weights).expanduser(), spec.arch, repo)
+        folder = hf_weights.explicit_folder(Path(weights).expanduser(), spec.arch, repo, gated)
         return ResolvedWeights(spec, folder.absolute(), hf_weights.folder_fingerprint(folder), "explicit")
     cached = default_cache_dir(cache_dir) / spec.filename
     problem = hf_weights.folder_problem(cached, spec.arch)
@@ -406,7 +470,7 @@ def _resolve_folder(
         attempts.append(attempt)
     tried = "; ".join(f"{a.place}: {a.reason}" for a in attempts)
     raise WeightsNotFoundError(
-        f"No weights for model {spec.name!r} ({spec.licence}). Tried {tried}. {hf_weights.download_hint(repo)} "
+        f"No weights for model {spec.name!r} ({spec.licence}). Tried {tried}. {hf_weights.download_hint(repo, gated)} "
         f"Or put the folder at {cached}."
     )
 

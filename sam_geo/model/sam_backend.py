@@ -236,6 +236,10 @@ def build_backend(
     """The model backend for a registry name (``models.MODELS``), weights loaded
     (``weights``: a checkpoint file, or for SAM 3 a ``transformers`` model folder)."""
     spec = get_spec(name)
+    if spec.family in ("sam2_hf", "edgetam"):
+        from sam_geo.model.hf_backend import HFPromptBackend
+
+        return HFPromptBackend.from_folder(weights, spec.arch, device, multimask=multimask)
     if spec.family == "sam3":
         from sam_geo.model.sam3_backend import Sam3Backend
 

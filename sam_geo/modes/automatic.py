@@ -495,7 +495,8 @@ class AutoMode:
         """SAM-family model and an overlap wide enough to stitch in, else ConfigError."""
         family = get_spec(settings.model).family
         if family not in ("sam", "mobile_sam"):
-            kind = "a SAM 3 model: it finds instances of phrases (sam-geo text)" if family == "sam3" else "a SAM 2.1 model"
+            kinds = {"sam3": "a SAM 3 model: it finds instances of phrases (sam-geo text)", "edgetam": "an EdgeTAM model"}
+            kind = kinds.get(family, "a SAM 2.1 model")
             raise ConfigError(
                 f"automatic segmentation runs SAM and MobileSAM models; {settings.model!r} is {kind}. "
                 "Use --model mobile_sam (or vit_b, vit_l, vit_h)"

@@ -228,8 +228,15 @@ class PromptedMode:
         return {"the prompt layer": self.prompts.source, "the negative-point layer": self.prompts.negative_points}
 
     def check(self, settings: Settings) -> None:
-        """A model that takes box and point prompts (not SAM 3's phrases), else ConfigError."""
-        if get_spec(settings.model).family == "sam3":
+        """A model that takes box and point prompts (not SAM 3's phrases) and, for mask
+        prompts, mask inputs; else ConfigError."""
+        family = get_spec(settings.model).family
+        if family in ("sam2_hf", "edgetam") and settings.prompt_as == "mask":
+            raise ConfigError(
+                f"--prompt-as mask needs a SAM, MobileSAM or sam2-package SAM 2.1 model; {settings.model!r} takes "
+                "boxes and points only: use --prompt-as box (or point)"
+            )
+        if family == "sam3":
             raise ConfigError(
                 f"{settings.model!r} outlines every instance of a phrase (sam-geo text SCENE \"phrase\" --model "
                 f"{settings.model}); prompts from a layer need a SAM or SAM 2.1 model, e.g. --model mobile_sam"
