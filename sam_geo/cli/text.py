@@ -22,6 +22,10 @@ def text(**params: Any) -> None:
 
     A grounding detector finds boxes per tile; SAM segments each box. Output rows carry
     the phrase, the detector's score, SAM's score and the area.
+
+    With --model sam3 (concept prompts; weights gated, see `sam-geo models`) SAM 3 finds
+    every instance of each phrase itself, and instances cut by tile edges are stitched
+    into one polygon; rows carry the phrase, SAM 3's score, the area and n_tiles.
     """
     settings = options.settings_from_cli(params, COMMAND)
     from sam_geo import segment_text
