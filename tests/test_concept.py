@@ -22,8 +22,10 @@ import shapely
 import torch
 import transformers
 from rasterio.windows import Window
+from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from transformers.models.sam3 import configuration_sam3 as sam3_config
+from transformers.models.sam3_tracker_video import configuration_sam3_tracker_video as tracker_video_config
 
 import sam_geo
 from sam_geo.cli import main
@@ -66,6 +68,28 @@ def tiny_sam3_folder(folder: Path) -> Path:
     return folder
 
 
+def tiny_sam3_video_folder(folder: Path, detector_folder: Path) -> Path:
+    """The layout SAM 3 is published in: a ``sam3_video`` checkpoint holding the detector
+    (``detector_model.*``) and the video tracker (``tracker_model.*``, ``tracker_neck.*``),
+    here with the tiny detector of ``detector_folder`` and a tiny tracker, plus the tokenizer."""
+    detector = transformers.Sam3Config.from_pretrained(detector_folder)
+    decoder = {"hidden_size": 32, "num_attention_heads": 2, "mlp_dim": 64, "iou_head_hidden_dim": 32}
+    tracker = tracker_video_config.Sam3TrackerVideoConfig(
+        vision_config=detector.vision_config.to_dict(),
+        prompt_encoder_config=tracker_video_config.Sam3TrackerVideoPromptEncoderConfig(
+            hidden_size=32, image_size=IMAGE_PX, patch_size=14, mask_input_channels=8),
+        mask_decoder_config=tracker_video_config.Sam3TrackerVideoMaskDecoderConfig(**decoder),
+        memory_attention_hidden_size=32, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=32,
+        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
+        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1,
+    )
+    config = transformers.Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
+    torch.manual_seed(0)
+    transformers.Sam3VideoModel(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(detector_folder).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def sam3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_sam3_folder(tmp_path_factory.mktemp("sam3"))
@@ -98,6 +122,25 @@ def test_a_model_folder_is_resolved_with_a_fingerprint(sam3_folder: Path) -> Non
     assert found.sha256 == again.sha256 and len(found.sha256) == 64
 
 
+def test_the_published_sam3_video_layout_loads_its_detector(sam3_folder: Path, tmp_path: Path) -> None:
+    """facebook/sam3 is a sam3_video checkpoint: Sam3Model must take every weight from it."""
+    video = tiny_sam3_video_folder(tmp_path / "sam3", sam3_folder)
+    assert json.loads((video / "config.json").read_text())["model_type"] == "sam3_video"
+    found = resolve_weights("sam3", video)
+    backend = Sam3Backend.from_folder(found.path, torch.device("cpu"))
+    rgb = np.random.default_rng(3).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    vision, _ = backend.encode(rgb)
+    assert len(backend.concepts(vision, ("roof",), rgb.shape[:2], threshold=0.0)) > 0
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (partial / name).write_bytes((video / name).read_bytes())
+    state = load_file(video / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".mask_decoder." not in k}, partial / "model.safetensors")
+    with pytest.raises(WeightsError, match="does not hold every weight of SAM 3"):
+        Sam3Backend.from_folder(resolve_weights("sam3", partial).path, torch.device("cpu"))
+
+
 def test_the_weights_cache_folder_is_used(sam3_folder: Path, tmp_path: Path) -> None:
     (tmp_path / "sam3").symlink_to(sam3_folder, target_is_directory=True)
     found = resolve_weights("sam3", cache_dir=tmp_path, allow_download=False)
@@ -123,7 +166,7 @@ def test_official_release_checkpoint_is_recognised_and_refused(tmp_path: Path) -
 def test_folder_of_another_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "owlv2"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(WeightsError, match="model_type 'owlv2', not 'sam3'"):
+    with pytest.raises(WeightsError, match="model_type 'owlv2', not 'sam3' or 'sam3_video'"):
         resolve_weights("sam3", tmp_path)
 
 

@@ -54,8 +54,15 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
+MODEL_TYPES = {"sam3": ("sam3", "sam3_video")}
+"""``config.json`` model types accepted for a registry ``arch`` (others: the arch itself).
+SAM 3 is published as a ``sam3_video`` checkpoint (detector and tracker); ``Sam3Model``
+loads its detector part."""
+
+
 def folder_problem(folder: Path, model_type: str) -> str | None:
-    """Why ``folder`` is not a ``transformers`` folder of ``model_type``; None when it is."""
+    """Why ``folder`` is not a ``transformers`` folder of ``model_type`` (or of a type
+    :data:`MODEL_TYPES` accepts for it); None when it is."""
     if not folder.is_dir():
         return "not found"
     config = folder / "config.json"
@@ -65,8 +72,9 @@ def folder_problem(folder: Path, model_type: str) -> str | None:
         found = json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as exc:
         return f"config.json cannot be read: {one_line_reason(exc)}"
-    if found != model_type:
-        return f"config.json is of model_type {found!r}, not {model_type!r}"
+    accepted = MODEL_TYPES.get(model_type, (model_type,))
+    if found not in accepted:
+        return f"config.json is of model_type {found!r}, not {' or '.join(map(repr, accepted))}"
     if not weight_files(folder):
         return "config.json but no weights file (*.safetensors, *.bin) in it"
     return None

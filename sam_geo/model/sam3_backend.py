@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_geo.errors import ConfigError, WeightsError
-from sam_geo.model.checkpoints import one_line_reason
+from sam_geo.model.checkpoints import one_line_reason, sample_keys
 
 DEFAULT_CONCEPT_THRESHOLD = 0.5
 """Instance score kept by default (``sigmoid(logit) * sigmoid(presence)``): Meta's
@@ -85,13 +85,19 @@ class Sam3Backend:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # one bar per actor would garble the run's own
-            model = Sam3Model.from_pretrained(str(folder))
+            model, info = Sam3Model.from_pretrained(str(folder), output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise WeightsError(
                 f"Cannot load SAM 3 from {folder}: {one_line_reason(exc)}. Pass the folder of facebook/sam3 "
                 "as downloaded from Hugging Face (config.json, model.safetensors, tokenizer files)."
             ) from exc
+        missing = sorted(info.get("missing_keys", []))
+        if missing:
+            raise WeightsError(
+                f"{folder} does not hold every weight of SAM 3 ({len(missing)} missing, e.g. {sample_keys(missing)}); "
+                "pass the folder of facebook/sam3 as downloaded from Hugging Face."
+            )
         return cls(model, tokenizer, device)
 
     def logits_frame(self, tile_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[float, float]:
