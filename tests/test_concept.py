@@ -69,7 +69,7 @@ def tiny_sam3_folder(folder: Path) -> Path:
 
 
 def tiny_sam3_video_folder(folder: Path, detector_folder: Path) -> Path:
-    """The layout SAM 3 is published in: a ``sam3_video`` checkpoint holding the detector
+    """The layout ``transformers`` loads facebook/sam3 from: a ``sam3_video`` checkpoint holding the detector
     (``detector_model.*``) and the video tracker (``tracker_model.*``, ``tracker_neck.*``),
     here with the tiny detector of ``detector_folder`` and a tiny tracker, plus the tokenizer."""
     detector = transformers.Sam3Config.from_pretrained(detector_folder)
@@ -123,7 +123,7 @@ def test_a_model_folder_is_resolved_with_a_fingerprint(sam3_folder: Path) -> Non
 
 
 def test_the_published_sam3_video_layout_loads_its_detector(sam3_folder: Path, tmp_path: Path) -> None:
-    """facebook/sam3 is a sam3_video checkpoint: Sam3Model must take every weight from it."""
+    """A sam3_video folder (detector + tracker): Sam3Model must take every detector weight from it."""
     video = tiny_sam3_video_folder(tmp_path / "sam3", sam3_folder)
     assert json.loads((video / "config.json").read_text())["model_type"] == "sam3_video"
     found = resolve_weights("sam3", video)

@@ -56,7 +56,8 @@ def weight_files(folder: Path) -> list[Path]:
 
 MODEL_TYPES = {"sam3": ("sam3", "sam3_video")}
 """``config.json`` model types accepted for a registry ``arch`` (others: the arch itself).
-SAM 3 is published as a ``sam3_video`` checkpoint (detector and tracker); ``Sam3Model``
+``transformers``' code loads ``facebook/sam3`` as a ``sam3_video`` checkpoint (detector and
+tracker; not checked here against the real folder); ``Sam3Model``
 loads its detector part."""
 
 
