@@ -341,3 +341,16 @@ def test_text_command_with_sam3_writes_valid_polygons_with_phrases(
     assert gdf.geometry.is_valid.all() and not gdf.geometry.is_empty.any()
     assert ((gdf.score > 0.2) & (gdf.score <= 1)).all() and (gdf.area_m2 > 0).all()
 
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_concept_tiles_run_on_ray_model_actors_like_in_process(sam3_folder: Path, tmp_path: Path) -> None:
+    """Task descriptors, instances and pieces cross process boundaries; same objects."""
+    scene = painted_scene(tmp_path / "painted.tif")
+    common = {"model": "sam3", "weights": str(sam3_folder), "progress": False, "tile_size_px": 256,
+              "overlap_px": 48, "min_area_m2": 0, "box_threshold": 0.2}
+    on_ray = sam_geo.segment_text(scene, ["roof", "field"], workers=1, **common)
+    in_process = sam_geo.segment_text(scene, ["roof", "field"], workers=0, **common)
+    assert on_ray.attrs["summary"]["tiles"]["failed"] == 0 and len(on_ray) > 0
+    key = ["phrase", "area_m2"]
+    assert on_ray.sort_values(key)[key].round(6).values.tolist() == in_process.sort_values(key)[key].round(6).values.tolist()
