@@ -45,6 +45,7 @@ from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
 from sam_geo.model.detector import require_transformers
 from sam_geo.model.sam3_backend import ConceptInstances
 from sam_geo.modes.automatic import MIN_OVERLAP_PX, merge_scene_frames, stitched_frame
+from sam_geo.modes.text import read_tile_input
 from sam_geo.run.host import ModelHost, cpu_timed, timed
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS
 from sam_geo.run.summary import RunSummary
@@ -66,13 +67,8 @@ class ConceptTileTask(TileTask):
     threshold: float | None = None
 
     def load(self, reader: SceneReader) -> TileInput:
-        """Read the window."""
-        tile_input = TileInput(window=None)
-        with cpu_timed(tile_input.seconds, "read"):
-            window = self.read(reader)
-        tile_input.window = window if window.valid.any() else None
-        tile_input.needs_model = tile_input.window is not None
-        return tile_input
+        """Read the window (:func:`~sam_geo.modes.text.read_tile_input`)."""
+        return read_tile_input(self, reader)
 
     def infer(self, host: ModelHost, tile_input: TileInput) -> ConceptInstances:
         """Encode once, find every instance of every phrase."""

@@ -47,12 +47,7 @@ class TextTileTask(TileTask):
 
     def load(self, reader: SceneReader) -> TileInput:
         """Read the window."""
-        tile_input = TileInput(window=None)
-        with cpu_timed(tile_input.seconds, "read"):
-            window = self.read(reader)
-        tile_input.window = window if window.valid.any() else None
-        tile_input.needs_model = tile_input.window is not None
-        return tile_input
+        return read_tile_input(self, reader)
 
     def infer(self, host: ModelHost, tile_input: TileInput) -> TextMasks | None:
         """Detect, keep detections centred in the core, encode once, decode."""
@@ -71,6 +66,18 @@ class TextTileTask(TileTask):
             result.objects.append(TextObject(record.wkb, record.score, float(output.detector_scores[k]), phrase))
         result.encoded = True
         return result
+
+
+def read_tile_input(task: TileTask, reader: SceneReader) -> TileInput:
+    """The load stage of a tile searched as a whole (text and concept prompts): its
+    window, read and stretched; a window without valid pixels becomes ``window=None``
+    (the tile is reported as all nodata) and needs no model."""
+    tile_input = TileInput(window=None)
+    with cpu_timed(tile_input.seconds, "read"):
+        window = task.read(reader)
+    tile_input.window = window if window.valid.any() else None
+    tile_input.needs_model = tile_input.window is not None
+    return tile_input
 
 
 @dataclass
