@@ -21,6 +21,7 @@ import rasterio
 import shapely
 import torch
 import transformers
+from affine import Affine
 from rasterio.windows import Window
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
@@ -33,7 +34,11 @@ from sam_geo.errors import ConfigError, WeightsError, WeightsNotFoundError
 from sam_geo.model import hf_weights
 from sam_geo.model.registry import MODELS, resolve_weights
 from sam_geo.model.sam3_backend import ConceptInstances, Sam3Backend, crop_instances
-from sam_geo.modes.concept import CONCEPT_COLUMNS, pixel_crop, sample_logits
+from sam_geo.geo.tiles import TileGrid
+from sam_geo.io.scenes import WindowRead
+from sam_geo.modes.concept import CONCEPT_COLUMNS, instance_masks
+from sam_geo.run.post import prompt_polygons
+from sam_geo.run.tasks import PostConfig
 from tests.conftest import BANEPA, make_raster
 
 EXIT_OK, EXIT_INPUT = 0, 2
@@ -221,20 +226,26 @@ def test_backend_refuses_box_prompts(backend: Sam3Backend) -> None:
         backend.decode(None, (1, 1), (1, 1), None)
 
 
-def test_instance_crops_map_back_to_tile_pixels() -> None:
+def test_instance_outlines_are_traced_in_tile_pixels() -> None:
     """A square of cells 8..15 on a 32-cell grid spanning a 300 x 200 px tile covers
-    rows 75..150 and columns 50..100 of it: cell c spans pixels [c * px, (c + 1) * px)."""
+    rows 75..150 and columns 50..100 of it (cell c spans pixels [c * px, (c + 1) * px));
+    its outline is traced from the logits (sub-pixel) and loses the nodata pixels."""
     mask = torch.full((1, 32, 32), -8.0)
     mask[0, 8:16, 8:16] = 8.0
     parts = [(0, torch.tensor([0.9]), torch.tensor([[0.25, 0.25, 0.5, 0.5]]), mask)]
     found = crop_instances(parts, (32, 32), (300, 200))
     assert np.allclose(found.box, [[50, 75, 100, 150]])
-    per_px = (32 / 300, 32 / 200)
-    crop = pixel_crop(found.origin[0], found.logits[0].shape, per_px, (300, 200))
-    inside = sample_logits(found.logits[0], found.origin[0], crop, per_px)
-    rows, cols = np.nonzero(inside)
-    assert (rows.min() + crop[0], rows.max() + crop[0]) == (75, 149)
-    assert (cols.min() + crop[1], cols.max() + crop[1]) == (50, 99)
+    masks = instance_masks(found, (300, 200))
+    assert masks.cells.tolist() == [[6, 6, 18, 18]] and masks.crops.tolist() == [[56, 37, 169, 113]]
+    tile = next(iter(TileGrid(300, 200, Affine.identity(), 300, 32, 1)))
+    valid = np.ones((300, 200), dtype=bool)
+    outline = shapely.from_wkb(prompt_polygons(masks, WindowRead(np.zeros((3, 300, 200), np.uint8), valid), tile,
+                                               PostConfig())[0].wkb)
+    assert np.allclose(outline.bounds, (50, 75, 100, 150), atol=0.5) and outline.area == pytest.approx(3750, rel=0.02)
+    valid[:, :75] = False  # the left half of the square is nodata
+    cut = shapely.from_wkb(prompt_polygons(masks, WindowRead(np.zeros((3, 300, 200), np.uint8), valid), tile,
+                                           PostConfig())[0].wkb)
+    assert np.allclose(cut.bounds, (75, 75, 100, 150), atol=0.5)
 
 
 # --- seams: a stand-in whose masks are known -------------------------------------------------

@@ -2,7 +2,8 @@
 
 A ``transformers`` model is a folder, not one file: ``config.json``, the weights
 (``model.safetensors``, possibly sharded, or ``pytorch_model.bin``) and, for SAM 3, the
-tokenizer files. :func:`find_model_folder` looks for one, in this order:
+tokenizer files. :func:`sam_geo.model.registry.resolve_weights` looks for one with the
+helpers here, in this order:
 
 1. **explicit** -- the ``--weights`` path: the folder itself, or a weights file inside
    one (its folder is used). A lone checkpoint of the model's official release (SAM 3's

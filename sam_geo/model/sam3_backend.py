@@ -11,7 +11,7 @@ Geometry: the tile array (rows, cols) is resized to the model's square input (10
 1008 px for SAM 3, aspect not kept, as ``Sam3ImageProcessor`` does), normalised to
 [-1, 1] and encoded; masks come out on a square grid (288 x 288 cells for SAM 3) that
 spans the whole tile, so one cell is ``rows / 288`` tile pixels tall and ``cols / 288``
-wide (:meth:`Sam3Backend.logits_frame`). Instance boxes are given in tile pixels.
+wide. Instance boxes are given in tile pixels.
 
 Box and point prompts from layers are not SAM 3 image prompts (its boxes are exemplars
 of a concept, not objects to outline): :meth:`Sam3Backend.decode` refuses them.
@@ -99,10 +99,6 @@ class Sam3Backend:
                 "pass the folder of facebook/sam3 as downloaded from Hugging Face."
             )
         return cls(model, tokenizer, device)
-
-    def logits_frame(self, tile_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[float, float]:
-        """Mask cells per tile pixel along rows and columns (the grid spans the tile)."""
-        return grid_hw[0] / tile_hw[0], grid_hw[1] / tile_hw[1]
 
     @torch.inference_mode()
     def encode(self, rgb: np.ndarray) -> tuple[Any, tuple[int, int]]:

@@ -11,8 +11,8 @@ halo), in three stages:
 2. model: encode the tile once and find every instance of every phrase
    (:meth:`~sam_geo.model.sam3_backend.Sam3Backend.concepts`: one image-encoder pass,
    then the light text/detection/mask heads once per phrase);
-3. finish: upsample each instance's mask logits over its box to tile pixels (bilinear,
-   pixel centres), AND with the valid mask, vectorize on the tile's affine, keep its
+3. finish: trace each instance's outline from its mask logits as prompted masks are
+   (:func:`~sam_geo.run.post.prompt_polygons`: sub-pixel, nodata taken out), keep its
    largest part, and note which read-window sides facing another tile it reaches
    (:func:`~sam_geo.geo.stitch.piece_from_geometry`).
 
@@ -25,7 +25,6 @@ the chosen piece or area-weighted over a mosaic), ``area_m2``, ``n_tiles``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,21 +32,18 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import shapely
-import torch
-import torch.nn.functional as F
-from affine import Affine
 
 from sam_geo.errors import ConfigError
 from sam_geo.geo.stitch import Piece, SeamBuffer, piece_from_geometry
 from sam_geo.geo.tiles import TileGrid
-from sam_geo.geo.vectorize import mask_to_geometry
-from sam_geo.io.scenes import SceneInfo, SceneReader, compute_stretch
+from sam_geo.io.scenes import SceneInfo, SceneReader, WindowRead, compute_stretch
 from sam_geo.model.detector import require_transformers
 from sam_geo.model.sam3_backend import ConceptInstances
 from sam_geo.modes.automatic import MIN_OVERLAP_PX, merge_scene_frames, stitched_frame
 from sam_geo.modes.text import read_tile_input
 from sam_geo.run.host import ModelHost, cpu_timed, timed
 from sam_geo.run.pipeline import COMMON_TILE_SETTINGS
+from sam_geo.run.post import PromptMasks, prompt_polygons
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import PostConfig, TileInput, TileResult, TileTask
 from sam_geo.settings import Settings
@@ -87,7 +83,7 @@ class ConceptTileTask(TileTask):
             return result
         result.encoded = True
         with cpu_timed(result.seconds, "vectorize"):
-            result.pieces = instance_pieces(output, tile_input.window.valid, self, post)
+            result.pieces = instance_pieces(output, tile_input.window, self, post)
         return result
 
 
@@ -99,57 +95,39 @@ class ConceptTileResult(TileResult):
 
 
 def instance_pieces(
-    found: ConceptInstances, valid: np.ndarray, task: ConceptTileTask, post: PostConfig
+    found: ConceptInstances, window: WindowRead, task: ConceptTileTask, post: PostConfig
 ) -> list[tuple[int, Piece]]:
-    """Each instance's mask at tile resolution, vectorized, its largest part as a piece."""
+    """Each instance's outline traced from its logits (:func:`~sam_geo.run.post.prompt_polygons`,
+    as for prompts: sub-pixel, nodata taken out), its largest part as a piece."""
     tile = task.tile
-    rows, cols = valid.shape
-    per_px = (found.grid_hw[0] / rows, found.grid_hw[1] / cols)  # mask cells per tile pixel
-    edge_margin = max(1 / per_px[0], 1 / per_px[1]) * tile.scale + 1.0
+    masks = instance_masks(found, window.valid.shape)
+    edge_margin = max(1 / (masks.frame[0] * masks.grid_hw[0]), 1 / (masks.frame[1] * masks.grid_hw[1]))
+    edge_margin = edge_margin * tile.scale + 1.0  # one mask cell, in scene pixels, plus one
     out: list[tuple[int, Piece]] = []
-    for k in range(len(found)):
-        crop = pixel_crop(found.origin[k], found.logits[k].shape, per_px, (rows, cols))
-        mask = sample_logits(found.logits[k], found.origin[k], crop, per_px) & valid[crop[0]:crop[2], crop[1]:crop[3]]
-        transform = tile.transform @ Affine.translation(crop[1], crop[0])
-        geom = mask_to_geometry(mask, transform, min_area=post.min_area, simplify=post.simplify)
-        if geom is None:
+    for record in prompt_polygons(masks, window, tile, post):
+        if record.wkb is None:
             continue
-        geom = max(shapely.get_parts(geom), key=lambda p: p.area)
-        piece = piece_from_geometry(geom, tile, (task.scene.height, task.scene.width), score=float(found.score[k]),
+        geom = max(shapely.get_parts(shapely.from_wkb(record.wkb)), key=lambda p: p.area)
+        piece = piece_from_geometry(geom, tile, (task.scene.height, task.scene.width), score=record.score,
                                     edge_margin=edge_margin)
         if piece is not None:
-            out.append((int(found.phrase[k]), piece))
+            out.append((int(found.phrase[record.prompt_index]), piece))
     return out
 
 
-def pixel_crop(
-    origin: Sequence[int], shape: tuple[int, int], per_px: tuple[float, float], hw: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """(row0, col0, row1, col1) of the tile pixels a crop of mask cells covers (clipped)."""
-    r0 = max(0, math.floor(origin[0] / per_px[0]))
-    c0 = max(0, math.floor(origin[1] / per_px[1]))
-    r1 = min(hw[0], math.ceil((origin[0] + shape[0]) / per_px[0]))
-    c1 = min(hw[1], math.ceil((origin[1] + shape[1]) / per_px[1]))
-    return r0, c0, max(r1, r0 + 1), max(c1, c0 + 1)
-
-
-def sample_logits(
-    logits: np.ndarray, origin: Sequence[int], crop: tuple[int, int, int, int], per_px: tuple[float, float]
-) -> np.ndarray:
-    """(rows, cols) bool: crop cells' logits bilinearly sampled at the tile pixels of
-    ``crop``, above 0. Tile pixel ``(r, c)`` sits at cell ``((r + 0.5) * per_px[0] - 0.5,
-    (c + 0.5) * per_px[1] - 0.5)`` of the whole grid (the grid spans the tile); pixels
-    beyond the crop's cells take its border value."""
-    r0, c0, r1, c1 = crop
-    grid = torch.from_numpy(np.array(logits, dtype=np.float32))  # a copy: arrays from Ray are read-only
-    h, w = grid.shape
-    ys = (torch.arange(r0, r1, dtype=torch.float32) + 0.5) * per_px[0] - 0.5 - float(origin[0])
-    xs = (torch.arange(c0, c1, dtype=torch.float32) + 0.5) * per_px[1] - 0.5 - float(origin[1])
-    ys = ys * (2.0 / max(h - 1, 1)) - 1.0
-    xs = xs * (2.0 / max(w - 1, 1)) - 1.0
-    points = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]
-    sampled = F.grid_sample(grid[None, None], points, mode="bilinear", padding_mode="border", align_corners=True)
-    return (sampled[0, 0] > 0.0).numpy()
+def instance_masks(found: ConceptInstances, tile_hw: tuple[int, int]) -> PromptMasks:
+    """The instances as :class:`~sam_geo.run.post.PromptMasks` (index = instance number):
+    the mask grid spans the tile, so a tile pixel is ``1 / rows`` and ``1 / cols`` of it,
+    and each crop of cells keeps its mask within the tile pixels those cells cover."""
+    rows, cols = tile_hw
+    gh, gw = found.grid_hw
+    shapes = np.asarray([crop.shape for crop in found.logits], dtype=np.int64).reshape(-1, 2)
+    cells = np.concatenate([found.origin, found.origin + shapes], axis=1)
+    scale = np.array([rows / gh, cols / gw, rows / gh, cols / gw])
+    crops = np.column_stack([np.floor(cells[:, :2] * scale[:2]), np.ceil(cells[:, 2:] * scale[2:])]).astype(np.int64)
+    crops[:, 2:] = np.minimum(crops[:, 2:], [rows, cols])
+    logits = [np.asarray(crop, dtype=np.float32) for crop in found.logits]
+    return PromptMasks(np.arange(len(found)), found.score, crops, cells, logits, (1 / rows, 1 / cols), (gh, gw))
 
 
 class ConceptMode:
