@@ -21,11 +21,11 @@ from shapely.geometry import Point
 
 from conftest import BANEPA, FIELDS, INRIA
 from sam_geo import segment, segment_auto
+from sam_geo.errors import OutputExistsError
 from sam_geo.evaluate import evaluate
 from sam_geo.geo.vectorize import geometry_area_m2
-from sam_geo.settings import load_preset
-from sam_geo.errors import OutputExistsError
 from sam_geo.io.scenes import open_scene
+from sam_geo.settings import load_preset
 IN_PROCESS = {"workers": 0, "progress": False}
 """Run the model in this process (no Ray), no progress bar."""
 REPO = Path(__file__).resolve().parents[1]

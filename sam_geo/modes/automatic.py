@@ -428,7 +428,7 @@ def _upsample_cells(cand: _Candidate, crop: tuple[int, int, int, int], frame: _F
     """
     r0, c0, r1, c1 = crop
     scale = _cells_per_px(frame)
-    logits = torch.as_tensor(cand.logits).float()
+    logits = torch.from_numpy(np.array(cand.logits, dtype=np.float32))  # a copy: Ray's arrays are read-only
     h, w = logits.shape
     ys = (torch.arange(r0, r1, dtype=torch.float32) + 0.5) * scale - 0.5 - cand.origin[0]
     xs = (torch.arange(c0, c1, dtype=torch.float32) + 0.5) * scale - 0.5 - cand.origin[1]
