@@ -46,7 +46,7 @@ from sam_geo.run.pipeline import COMMON_TILE_SETTINGS
 from sam_geo.run.post import PromptMasks, prompt_polygons
 from sam_geo.run.summary import RunSummary
 from sam_geo.run.tasks import PostConfig, TileInput, TileResult, TileTask
-from sam_geo.settings import Settings
+from sam_geo.settings import DEFAULT_DETECTOR, Settings
 
 CONCEPT_COLUMNS = ("phrase", "score", "area_m2", "n_tiles")
 """Columns of a concept output, besides the geometry (and ``scene`` for several scenes)."""
@@ -157,8 +157,14 @@ class ConceptMode:
         return {}
 
     def check(self, settings: Settings) -> None:
-        """``transformers`` installed and an overlap wide enough to stitch in."""
+        """``transformers`` installed, an overlap wide enough to stitch in, and no
+        detector settings (SAM 3 reads the phrases itself; they would be ignored)."""
         require_transformers()
+        if settings.detector != DEFAULT_DETECTOR or settings.text_threshold is not None:
+            raise ConfigError(
+                "--detector and --text-threshold do nothing with a SAM 3 model, which reads the phrases itself; "
+                "drop them, or pick a SAM model (--model mobile_sam) to use the detector"
+            )
         if settings.overlap_px < MIN_OVERLAP_PX:
             raise ConfigError(
                 f"concept prompts stitch instances across tile edges, which needs tiles overlapping by at least "
