@@ -26,9 +26,12 @@ Other sensors (stand-ins made from the shared data, written to a temporary folde
   band along the western edge; reprojected with nearest neighbour).
 
 Each row prints its figures, the per-object IoU quantiles (prompted rows) and its wall
-seconds. All runs use the defaults (plus the named preset) and one Ray worker.
+seconds. All runs use the defaults (plus the named preset) and one Ray worker;
+``--config PRESET`` runs the prompted rows with that preset's ``segment`` section
+(e.g. a file holding ``segment: {flip_views: 4}`` to measure mirrored views).
 
     python benchmarks/quality.py [--rows banepa-box,banepa-point,inria-box,banepa-auto,inria-auto,fields-auto]
+                                 [--config PRESET.yaml]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -133,17 +137,20 @@ def write_int16_geographic(scene: Path, out: Path) -> Path:
     return out
 
 
-def prompted_row(row: str) -> None:
-    """Segment from prompts and print the per-object IoU figures."""
+def prompted_row(row: str, settings: dict[str, Any]) -> None:
+    """Segment from prompts (with ``settings`` on top of the defaults) and print the
+    per-object IoU figures."""
     with tempfile.TemporaryDirectory() as tmp:
         truth, key, scene, prompts = prompted_inputs(row, Path(tmp))
-        run_prompted(row, truth, key, scene, prompts)
+        run_prompted(row, truth, key, scene, prompts, settings)
 
 
-def run_prompted(row: str, truth: gpd.GeoDataFrame, key: str, scene: Path, prompts: gpd.GeoDataFrame) -> None:
+def run_prompted(
+    row: str, truth: gpd.GeoDataFrame, key: str, scene: Path, prompts: gpd.GeoDataFrame, settings: dict[str, Any]
+) -> None:
     """Segment ``prompts`` on ``scene`` and print per-object IoU against ``truth``."""
     start = time.perf_counter()
-    gdf = segment(scene, prompts, id_column=key, weights=str(WEIGHTS), workers=1, progress=False)
+    gdf = segment(scene, prompts, id_column=key, weights=str(WEIGHTS), **{**settings, "workers": 1, "progress": False})
     wall = time.perf_counter() - start
     ious = per_object_iou(gdf, truth, key)
     quantiles = ", ".join(f"{q:.2f}" for q in np.quantile(ious, [0.1, 0.25, 0.5, 0.75, 0.9]))
@@ -181,10 +188,12 @@ def auto_row(row: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated rows (see above)")
+    parser.add_argument("--config", type=Path, help="a preset whose segment section the prompted rows use")
     args = parser.parse_args()
+    prompted_settings = load_preset(args.config, "segment") if args.config else {}
     for row in args.rows.split(","):
         if row in PROMPTED_ROWS:
-            prompted_row(row)
+            prompted_row(row, prompted_settings)
         elif row in AUTO_ROWS:
             auto_row(row)
         else:

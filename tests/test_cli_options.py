@@ -126,6 +126,17 @@ def test_every_setting_is_in_one_group() -> None:
     assert set(grouped) == set(Settings.model_fields) and set(grouped.values()) == {1}
 
 
+def test_dash_h_still_works_after_a_command_ran_on_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """Click caches a command's help option when the command first runs; a command run
+    on its own (as CliRunner does) must not lose ``-h`` for later runs through the group."""
+    from click.testing import CliRunner
+
+    for name, command in cli.commands.items():
+        assert CliRunner().invoke(command, ["-h"]).exit_code == 0, name
+        assert main([name, "-h"]) == EXIT_OK, name
+    assert "Usage: sam-geo models" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", [None, "segment", "auto", "text", "evaluate", "show", "models"])
 def test_help_of_every_command(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([command, "-h"] if command else ["--help"]) == EXIT_OK

@@ -205,7 +205,7 @@ def test_sam3_refuses_layer_prompts_and_automatic_mode(tmp_path: Path, sam3_fold
 def test_sam3_refuses_detector_settings_it_would_ignore(tmp_path: Path, sam3_folder: Path) -> None:
     scene = make_raster(tmp_path / "scene.tif", np.full((3, 64, 64), 90, np.uint8))
     out = tmp_path / "out.gpkg"
-    for extra in ({"detector": "IDEA-Research/grounding-dino-tiny"}, {"text_threshold": 0.3}):
+    for extra in ({"detector": "IDEA-Research/grounding-dino-tiny"}, {"text_threshold": 0.3}, {"flip_views": 4}):
         with pytest.raises(ConfigError, match="--model mobile_sam"):
             sam_geo.segment_text(scene, "roof", output=out, model="sam3", weights=str(sam3_folder), workers=0,
                                  progress=False, **extra)

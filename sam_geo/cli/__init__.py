@@ -17,7 +17,7 @@ import traceback
 
 import click
 
-from sam_geo.cli import auto, evaluate, models, segment, show, text
+from sam_geo.cli import auto, evaluate, models, options, segment, show, text
 from sam_geo.errors import SamGeoError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -26,7 +26,7 @@ EXIT_INTERRUPTED = 130
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "cli", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=options.HELP_SETTINGS)
 @click.version_option(package_name="sam-geo")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context

@@ -12,7 +12,7 @@ from sam_geo.cli.reports import report_auto, summary_of
 COMMAND = "auto"
 
 
-@click.command(COMMAND)
+@click.command(COMMAND, context_settings=options.HELP_SETTINGS)
 @click.argument("scenes", nargs=-1, required=True)
 @options.auto_options(COMMAND)
 @click.option("--labels-raster", type=click.Path(dir_okay=False), default=None,

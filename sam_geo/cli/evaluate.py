@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from sam_geo.cli.options import HELP_SETTINGS
 
-@click.command("evaluate")
+
+@click.command("evaluate", context_settings=HELP_SETTINGS)
 @click.argument("pred", type=str)
 @click.argument("gt", type=str)
 @click.option("--iou", type=float, default=0.5, show_default=True, help="Minimum IoU of a match, in (0, 1].")

@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from sam_geo.cli.options import HELP_SETTINGS
 
-@click.command("models")
+
+@click.command("models", context_settings=HELP_SETTINGS)
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def models(as_json: bool) -> None:
     """List the models sam-geo knows, with sizes, licences and weight sources.

@@ -48,7 +48,8 @@ ALIASES: dict[str, tuple[str, ...]] = {"stability_score_thresh": ("--stability-t
 """Older flag names that keep working, by field."""
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "weights", "device", "precision", "batch_size", "encode_batch", "decoder_context_px"),
+    "model": ("model", "weights", "device", "precision", "batch_size", "encode_batch", "decoder_context_px",
+              "flip_views"),
     "scene": ("bands", "stretch", "assume_crs"),
     "tile": ("tile_size_px", "overlap_px", "zoom"),
     "outline": ("min_area_m2", "simplify_m", "regularize_m"),
@@ -66,6 +67,9 @@ FLAG_VALUES: dict[str, float] = {"regularize_m": 0.5}
 """Options that may be given without a value, and the value they then take."""
 PATH_FIELDS = frozenset({"weights"})
 METAVARS = {"bands": "R,G,B"}
+HELP_SETTINGS = {"help_option_names": ["-h", "--help"]}
+"""Every command's context settings: ``-h`` as well as ``--help``, also when a command
+object is invoked on its own (click caches a command's help option the first time)."""
 OUTPUT_HELP = "give an output file with -o/--output (.geojson, .gpkg or .parquet)"
 
 

@@ -12,7 +12,7 @@ from sam_geo.cli.reports import report_prompted, summary_of
 COMMAND = "segment"
 
 
-@click.command(COMMAND)
+@click.command(COMMAND, context_settings=options.HELP_SETTINGS)
 @click.argument("scenes", nargs=-1, required=True)
 @click.option("--prompts", required=True, help="Vector layer of prompts (Shapefile, GeoJSON, GPKG, GeoParquet).")
 @click.option("--prompts-layer", default=None, help="Layer name inside a multi-layer prompt file.")

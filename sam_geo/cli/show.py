@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sam_geo.cli.options import param_type, parse_bands
+from sam_geo.cli.options import HELP_SETTINGS, param_type, parse_bands
 
 
 def parse_window(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -22,7 +22,7 @@ def parse_window(ctx: click.Context, param: click.Parameter, value: str | None) 
     return window
 
 
-@click.command("show")
+@click.command("show", context_settings=HELP_SETTINGS)
 @click.argument("scene", type=str)
 @click.argument("layer", type=str, required=False)
 @click.option("-o", "--output", default="quicklook.png", show_default=True, type=click.Path(dir_okay=False),

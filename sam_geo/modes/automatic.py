@@ -492,7 +492,13 @@ class AutoMode:
         return {}
 
     def check(self, settings: Settings) -> None:
-        """SAM-family model and an overlap wide enough to stitch in, else ConfigError."""
+        """SAM-family model, an overlap wide enough to stitch in and no prompt-only
+        settings (``flip_views``), else ConfigError."""
+        if settings.flip_views != 1:
+            raise ConfigError(
+                "flip views average the masks of each prompt over mirrored tiles; automatic mode has no prompts "
+                "to average (its grid differs per view). Drop flip_views, or use it with sam-geo segment or text"
+            )
         family = get_spec(settings.model).family
         if family not in ("sam", "mobile_sam"):
             kinds = {"sam3": "a SAM 3 model: it finds instances of phrases (sam-geo text)", "edgetam": "an EdgeTAM model"}

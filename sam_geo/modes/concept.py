@@ -158,12 +158,18 @@ class ConceptMode:
 
     def check(self, settings: Settings) -> None:
         """``transformers`` installed, an overlap wide enough to stitch in, and no
-        detector settings (SAM 3 reads the phrases itself; they would be ignored)."""
+        detector settings or flip views (SAM 3 reads the phrases itself and finds its
+        own instances; they would be ignored)."""
         require_transformers()
         if settings.detector != DEFAULT_DETECTOR or settings.text_threshold is not None:
             raise ConfigError(
                 "--detector and --text-threshold do nothing with a SAM 3 model, which reads the phrases itself; "
                 "drop them, or pick a SAM model (--model mobile_sam) to use the detector"
+            )
+        if settings.flip_views != 1:
+            raise ConfigError(
+                "--flip-views mirrors prompts for SAM-family models; a SAM 3 model finds its own instances, which "
+                "differ per view. Drop --flip-views, or pick a SAM model (--model mobile_sam) with a detector"
             )
         if settings.overlap_px < MIN_OVERLAP_PX:
             raise ConfigError(

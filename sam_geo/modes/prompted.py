@@ -210,7 +210,7 @@ class PromptedMode:
 
     name = "prompted"
     order_by = "prompt_index"
-    tile_settings = (*COMMON_TILE_SETTINGS, "min_area_m2", "prompt_as", "box_grow", "multimask")
+    tile_settings = (*COMMON_TILE_SETTINGS, "min_area_m2", "prompt_as", "box_grow", "multimask", "flip_views")
 
     def __init__(self, prompts: PromptLayer) -> None:
         self.prompts = prompts

@@ -174,7 +174,8 @@ class TextMode:
 
     name = "text"
     order_by = None
-    tile_settings = (*COMMON_TILE_SETTINGS, "min_area_m2", "detector", "box_threshold", "text_threshold")
+    tile_settings = (*COMMON_TILE_SETTINGS, "min_area_m2", "detector", "box_threshold", "text_threshold",
+                     "flip_views")
 
     def __init__(self, phrases: str | Sequence[str]) -> None:
         self.phrases = (phrases,) if isinstance(phrases, str) else tuple(phrases)

@@ -33,6 +33,7 @@ import torch
 
 from sam_geo.io.prompts import PromptBatch
 from sam_geo.model.masks import crop_for_prompt, logits_windows
+from sam_geo.model.mirror import Mirror, mirror_views
 from sam_geo.model.sam_backend import SamBackend, build_backend, resolve_device, resolve_precision
 from sam_geo.run.post import PromptMasks
 from sam_geo.run.standin import StandinBackend
@@ -93,6 +94,10 @@ class HostConfig:
     of this many model pixels a side around its box (at least the box's mask window),
     not the whole tile; None or 0: the whole tile, SAM's own outputs. No effect on CUDA
     or on point-only prompts."""
+    flip_views: int = 1
+    """Views per tile for prompts (:func:`~sam_geo.model.mirror.mirror_views`): 1 the
+    tile alone; 2 or 4 add mirrored copies, each encoded and decoded, their chosen
+    masks' logits averaged."""
 
     standin_ms: float | None = None
     """Build the stand-in model (:mod:`sam_geo.run.standin`, this many ms per encoder
@@ -344,20 +349,23 @@ class ModelHost:
         return ModelOutput(value, spent)
 
     def decode_prompts(self, rgb: np.ndarray, prompts: PromptBatch, seconds: dict[str, float]) -> PromptMasks:
-        """Encode the tile once and decode ``prompts`` (tile pixels) against it.
+        """Encode the tile once per view and decode ``prompts`` (tile pixels) against it.
 
-        Prompts go in batches of one kind (:func:`decode_batches`). Per prompt, only the
-        cells of the low-resolution logits its mask can use come back
-        (:func:`~sam_geo.model.masks.logits_windows`), on the CPU, for the finish stage
-        (:func:`sam_geo.run.post.prompt_polygons`). ``seconds`` gains encode and decode.
+        Prompts go in batches of one kind (:func:`decode_batches`). With
+        ``config.flip_views`` above 1, each batch is decoded in every mirrored view
+        (:meth:`decode_views`). Per prompt, only the cells of the low-resolution logits
+        its mask can use come back (:func:`~sam_geo.model.masks.logits_windows`), on
+        the CPU, for the finish stage (:func:`sam_geo.run.post.prompt_polygons`).
+        ``seconds`` gains encode and decode.
         """
-        embedding, input_hw = self.encode(rgb, seconds)
+        views = mirror_views(self.config.flip_views)
+        encoded = self.encode_views(rgb, views, seconds)
         tile_hw = rgb.shape[:2]
-        frame = self.backend.logits_frame(tile_hw, input_hw)
+        frame = self.backend.logits_frame(tile_hw, encoded[0][1])
         index, scores, crops, cells, logits_out = [], [], [], [], []
         grid_hw = (0, 0)
         for part in decode_batches(prompts, self.batch_size):
-            logits, part_scores = self.decode(embedding, input_hw, tile_hw, part, seconds)
+            logits, part_scores = self.decode_views(views, encoded, tile_hw, part, seconds)
             grid_hw = (int(logits.shape[-2]), int(logits.shape[-1]))
             windows = logits_windows(part, tile_hw, frame, size=grid_hw[0])
             with timed(seconds, "decode"):
@@ -373,6 +381,41 @@ class ModelHost:
                                np.zeros((0, 4), np.int64), [], frame, grid_hw)
         return PromptMasks(np.concatenate(index), np.concatenate(scores), np.asarray(crops, np.int64).reshape(-1, 4),
                            np.concatenate(cells), logits_out, frame, grid_hw)
+
+    def encode_views(
+        self, rgb: np.ndarray, views: tuple[Mirror, ...], seconds: dict[str, float]
+    ) -> list[tuple[Any, tuple[int, int]]]:
+        """Each view's (embedding, input_hw): the plain tile through :meth:`encode`
+        (batched with other tiles where that is on), several views in one encoder call."""
+        if len(views) == 1:
+            return [self.encode(views[0].image(rgb), seconds)]
+        outputs = self._encode_timed([view.image(rgb) for view in views])
+        seconds["encode"] = seconds.get("encode", 0.0) + sum(spent for _, spent in outputs)
+        return [output for output, _ in outputs]
+
+    def decode_views(
+        self,
+        views: tuple[Mirror, ...],
+        encoded: list[tuple[Any, tuple[int, int]]],
+        tile_hw: tuple[int, int],
+        prompts: PromptBatch,
+        seconds: dict[str, float],
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Logits (n, h, w) on the plain tile's grid and scores (n,) of a prompt batch:
+        the mean over ``views`` of the mask each view chose, mirrored back
+        (:meth:`~sam_geo.model.mirror.Mirror.restore`), and of its predicted IoU.
+        ``encoded``: each view's (embedding, input_hw)."""
+        total: torch.Tensor | None = None
+        score_sum = np.zeros(len(prompts))
+        for view, (embedding, input_hw) in zip(views, encoded):
+            logits, scores = self.decode(embedding, input_hw, tile_hw, view.prompts(prompts, tile_hw, input_hw), seconds)
+            with timed(seconds, "decode"):
+                logits = view.restore(logits, tile_hw, self.backend.logits_frame(tile_hw, input_hw))
+                total = logits if total is None else total + logits
+            score_sum += scores
+        if len(views) > 1:
+            total = total / len(views)
+        return total, score_sum / len(views)
 
 
 def decode_batches(batch: PromptBatch, size: int) -> Iterator[PromptBatch]:
