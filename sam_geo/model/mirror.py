@@ -4,8 +4,8 @@ With ``flip_views`` above 1 (:attr:`sam_geo.settings.Settings.flip_views`), a ti
 encoded once per view: as it is, and mirrored. Each view's prompts are mirrored with
 the image, decoded, and the low-resolution logits of the mask each view chose are
 mirrored back and averaged (:meth:`sam_geo.run.host.ModelHost.decode_prompts`). SAM's
-outlines carry a small bias that depends on the direction an edge faces; the mean over
-mirrored views cancels part of it.
+edges on its low-resolution grid wander by a cell or so, differently in each view; the
+mean over mirrored views cancels part of that noise.
 
 Coordinates: tile pixels (x = column, y = row, pixel edges at whole numbers); the model
 sees the tile resized by ``input_hw / tile_hw`` and adds half a model pixel to every
