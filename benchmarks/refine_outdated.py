@@ -7,7 +7,7 @@ Negative points: one point 2 m outside each building, on the first side (E, S, W
 with no building within 1.5 m (a road or yard next to it); prints the mean IoU of box
 prompts with and without them, and the share of buildings made worse by > 0.05.
 
-    python benchmarks/refine_outdated.py [--window col,row,width,height]
+    python benchmarks/refine_outdated.py [--window col,row,width,height] [--flip-views 4]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def negative_points(truth: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--window", default="541,1038,2048,2048")
+    parser.add_argument("--flip-views", type=int, default=1, help="views per tile (1, 2 or 4), as --flip-views")
     args = parser.parse_args()
     col, row, width, height = map(int, args.window.split(","))
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +71,7 @@ def main() -> None:
         base = per_object_iou(outdated, truth, "osm_id")
         print(f"{len(truth)} buildings in window {args.window}")
         print(f"outdated outlines themselves: median IoU {np.median(base):.3f}  mean {base.mean():.3f}")
-        options = {"workers": 0, "progress": False}
+        options = {"workers": 0, "progress": False, "flip_views": args.flip_views}
         results = {}
         for mode, grow in (("box", None), ("box+point", None), ("box+point", 0.25), ("mask", None)):
             gdf = segment(scene, outdated, prompt_as=mode, box_grow=grow, weights=str(WEIGHTS), **options)
