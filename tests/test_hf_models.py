@@ -145,8 +145,9 @@ def test_a_folder_missing_weights_or_of_another_model_is_refused(folders: dict[s
         resolve_weights("sam2.1_hiera_tiny_hf", tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("name", ["sam2.1_hiera_tiny_hf", "edgetam"])
-def test_prompted_run_keeps_every_prompt_id(folders: dict[str, Path], tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "flip_views"), [("sam2.1_hiera_tiny_hf", 1), ("edgetam", 1), ("edgetam", 4)])
+def test_prompted_run_keeps_every_prompt_id(folders: dict[str, Path], tmp_path: Path, name: str,
+                                            flip_views: int) -> None:
     rgb = np.random.default_rng(2).integers(0, 255, (3, 400, 500), dtype=np.uint8)
     scene = make_raster(tmp_path / "scene.tif", rgb)
     with rasterio.open(scene) as src:
@@ -154,10 +155,11 @@ def test_prompted_run_keeps_every_prompt_id(folders: dict[str, Path], tmp_path: 
     boxes = [shapely.box(x0 + 500, y0 + 500, x0 + 1500, y0 + 1500), shapely.box(x1 - 2000, y1 - 1200, x1 - 300, y1 - 200)]
     layer = gpd.GeoDataFrame({"bid": [17, 42]}, geometry=boxes, crs="EPSG:32645")
     gdf = sam_geo.segment(scene, layer, model=name, weights=str(folders[name]), workers=0, progress=False,
-                          tile_size_px=256, overlap_px=32, min_area_m2=0, id_column="bid")
+                          tile_size_px=256, overlap_px=32, min_area_m2=0, id_column="bid", flip_views=flip_views)
     assert sorted(gdf.bid.tolist()) == [17, 42] and gdf.crs == "EPSG:32645"
     assert gdf.geometry.dropna().is_valid.all()
     assert gdf.attrs["summary"]["model"]["name"] == name
+    assert gdf.attrs["summary"]["settings"]["flip_views"] == flip_views
 
 
 def test_mask_prompts_are_refused_before_any_work(folders: dict[str, Path], tmp_path: Path) -> None:
