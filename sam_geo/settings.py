@@ -43,6 +43,9 @@ so that a part of an object (half a roof) does not match the whole object, whose
 with it is about its share of the area."""
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 """Grounding detector of ``sam-geo text``: OWLv2 (Apache-2.0), in ``transformers``."""
+FLIP_VIEW_COUNTS = (1, 2, 4)
+"""Allowed ``flip_views``: the tile alone; plus its up-down mirror; plus its left-right
+mirror and both mirrors (the four images a flip group gives)."""
 
 SPECK_AREA_M2 = 0.5
 """Automatic mode drops mask parts and holes below ``min(min_area_m2, SPECK_AREA_M2)``."""
@@ -244,7 +247,7 @@ class Settings(BaseModel):
     @field_validator("flip_views")
     @classmethod
     def _view_count(cls, value: int) -> int:
-        if value not in (1, 2, 4):
+        if value not in FLIP_VIEW_COUNTS:
             raise ValueError(f"flip views must be 1, 2 or 4, got {value}")
         return value
 

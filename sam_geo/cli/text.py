@@ -12,7 +12,8 @@ from sam_geo.cli.reports import report_prompted, summary_of
 COMMAND = "text"
 
 
-@click.command(COMMAND, context_settings=options.HELP_SETTINGS, short_help="Outline every object matching text phrases over a whole scene.")
+@click.command(COMMAND, context_settings=options.HELP_SETTINGS,
+               short_help="Outline every object matching text phrases over a whole scene.")
 @click.argument("scene", type=str)
 @click.argument("phrases", nargs=-1, required=True)
 @options.text_options(COMMAND)

@@ -26,10 +26,7 @@ import numpy as np
 import torch
 
 from sam_geo.io.prompt_batch import PromptBatch
-
-VIEW_COUNTS = (1, 2, 4)
-"""Allowed numbers of views: the tile alone; plus its up-down mirror; plus its
-left-right mirror and both mirrors (the four images a flip group gives)."""
+from sam_geo.settings import FLIP_VIEW_COUNTS
 
 
 @dataclass(frozen=True)
@@ -131,8 +128,9 @@ def mirror_axis(values: torch.Tensor, extent: float, dim: int) -> torch.Tensor:
 
 
 def mirror_views(count: int) -> tuple[Mirror, ...]:
-    """The views of ``flip_views`` = ``count`` (:data:`VIEW_COUNTS`), plain view first."""
-    if count not in VIEW_COUNTS:
-        raise ValueError(f"flip views must be one of {VIEW_COUNTS}, got {count}")
+    """The views of ``flip_views`` = ``count`` (:data:`sam_geo.settings.FLIP_VIEW_COUNTS`),
+    plain view first."""
+    if count not in FLIP_VIEW_COUNTS:
+        raise ValueError(f"flip views must be one of {FLIP_VIEW_COUNTS}, got {count}")
     views = (Mirror(), Mirror(rows=True), Mirror(cols=True), Mirror(cols=True, rows=True))
     return views[: 2 if count == 2 else count]

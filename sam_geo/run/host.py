@@ -408,7 +408,8 @@ class ModelHost:
         total: torch.Tensor | None = None
         score_sum = np.zeros(len(prompts))
         for view, (embedding, input_hw) in zip(views, encoded):
-            logits, scores = self.decode(embedding, input_hw, tile_hw, view.prompts(prompts, tile_hw, input_hw), seconds)
+            seen = view.prompts(prompts, tile_hw, input_hw)
+            logits, scores = self.decode(embedding, input_hw, tile_hw, seen, seconds)
             with timed(seconds, "decode"):
                 logits = view.restore(logits, tile_hw, self.backend.logits_frame(tile_hw, input_hw))
                 total = logits if total is None else total + logits

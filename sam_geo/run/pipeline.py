@@ -346,7 +346,7 @@ def host_config(settings: Settings, weights: ResolvedWeights, scene: SceneInfo, 
         precision=settings.precision,
         encode_batch=settings.encode_batch,
         decoder_context_px=settings.decoder_context_px,
-        flip_views=settings.flip_views if mode in ("prompted", "text") else 1,
+        flip_views=settings.flip_views,  # automatic and SAM 3 runs refuse anything but 1
         multimask=settings.multimask if mode == "prompted" else False,
         detector=settings.detector if mode == "text" else None,
         min_area=area_in_crs_units(scene, settings.speck_area_m2(mode)),
